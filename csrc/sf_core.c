@@ -1,0 +1,631 @@
+/*
+ * sf_core.c: the in-flight call table. See sf_core.h.
+ *
+ * A group is split into shards, each a mutex, a condition variable for the
+ * foreign waiters of its calls, a chained hash table and a free list of call
+ * records, so that the fast path (acquire + finish, nobody waiting) takes
+ * two short critical sections and no malloc once the free list is warm.
+ * Process-wide groups are found by name in a registry with its own lock.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "sf_core.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define SF_INLINE_KEY 24       /* keys up to this many bytes live in the record */
+#define SF_NAMED_SHARDS 16     /* shards of a process-wide group */
+#define SF_FREE_MAX 64         /* records kept on each shard's free list */
+#define SF_MIN_BUCKETS 8
+
+enum { ST_RUNNING, ST_CLOSING, ST_DONE, ST_ABANDONED };
+
+struct sf_call {
+  sf_call *next;         /* bucket chain, or free list */
+  sf_group *group;
+  uint64_t hash;
+  size_t len;
+  char *key;             /* inl or a heap copy */
+  uintptr_t domain;      /* the leader's */
+  uintptr_t owner;       /* the leader's */
+  void *payload;
+  sf_free_fn freefn;
+  uint32_t refs;         /* leader + foreign joiners */
+  uint32_t dups;         /* joiners, every domain */
+  uint32_t left;         /* joiners that gave up */
+  uint32_t nlocal;       /* joiners from the leader's domain */
+  uint32_t foreign;      /* foreign joiners still waiting */
+  uint8_t state;
+  uint8_t linked;        /* in its shard's table */
+  char inl[SF_INLINE_KEY];
+};
+
+typedef struct sf_shard {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  sf_call **buckets;
+  size_t nbuckets;
+  size_t count;
+  sf_call *freelist;
+  unsigned nfree;
+  uint64_t stats[SF_STAT_COUNT];
+} sf_shard;
+
+struct sf_group {
+  atomic_uint refs;
+  unsigned flags;
+  unsigned nshards;      /* a power of two */
+  char *name;            /* NULL unless process-wide */
+  size_t namelen;
+  sf_group *reg_next;
+  sf_shard *shards;
+};
+
+/* ---- the registry of process-wide groups ---- */
+
+static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
+static sf_group *registry;
+
+/* ---- helpers ---- */
+
+static int locking(const sf_group *g) {
+  return !(g->flags & SF_SINGLE_THREAD);
+}
+
+static void shard_lock(const sf_group *g, sf_shard *sh) {
+  if (locking(g))
+    pthread_mutex_lock(&sh->mu);
+}
+
+static void shard_unlock(const sf_group *g, sf_shard *sh) {
+  if (locking(g))
+    pthread_mutex_unlock(&sh->mu);
+}
+
+static uint64_t rotl64(uint64_t x, int r) {
+  return (x << r) | (x >> (64 - r));
+}
+
+/* A word-at-a-time multiplicative hash with a final avalanche. */
+static uint64_t hash_bytes(const char *p, size_t len) {
+  const uint64_t k1 = 0x9E3779B97F4A7C15ULL, k2 = 0xC2B2AE3D27D4EB4FULL;
+  uint64_t h = 0x27D4EB2F165667C5ULL ^ (len * k1);
+  uint64_t w;
+  while (len >= 8) {
+    memcpy(&w, p, 8);
+    h = rotl64(h ^ (w * k2), 31) * k1;
+    p += 8;
+    len -= 8;
+  }
+  w = 0;
+  memcpy(&w, p, len);
+  h = rotl64(h ^ (w * k2), 31) * k1;
+  h ^= h >> 33;
+  h *= k2;
+  h ^= h >> 29;
+  return h;
+}
+
+static sf_shard *shard_of(const sf_group *g, uint64_t hash) {
+  return &g->shards[(hash >> 48) & (g->nshards - 1)];
+}
+
+static sf_shard *call_shard(const sf_call *c) {
+  return shard_of(c->group, c->hash);
+}
+
+static void stat_add(sf_shard *sh, int which) {
+  sh->stats[which]++;
+}
+
+static int shard_init(sf_shard *sh) {
+  pthread_condattr_t ca;
+  memset(sh, 0, sizeof *sh);
+  sh->buckets = calloc(SF_MIN_BUCKETS, sizeof *sh->buckets);
+  if (!sh->buckets)
+    return -1;
+  sh->nbuckets = SF_MIN_BUCKETS;
+  if (pthread_mutex_init(&sh->mu, NULL) != 0)
+    goto fail_buckets;
+  if (pthread_condattr_init(&ca) != 0)
+    goto fail_mutex;
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  if (pthread_cond_init(&sh->cv, &ca) != 0) {
+    pthread_condattr_destroy(&ca);
+    goto fail_mutex;
+  }
+  pthread_condattr_destroy(&ca);
+  return 0;
+fail_mutex:
+  pthread_mutex_destroy(&sh->mu);
+fail_buckets:
+  free(sh->buckets);
+  return -1;
+}
+
+static void record_free(sf_call *c) {
+  if (c->key != c->inl)
+    free(c->key);
+  free(c);
+}
+
+static void shard_destroy(sf_shard *sh) {
+  sf_call *c, *next;
+  for (c = sh->freelist; c; c = next) {
+    next = c->next;
+    record_free(c);
+  }
+  /* A group is destroyed only when no call refers to it: the table is empty. */
+  free(sh->buckets);
+  pthread_cond_destroy(&sh->cv);
+  pthread_mutex_destroy(&sh->mu);
+}
+
+static sf_group *group_alloc(unsigned flags, unsigned nshards) {
+  sf_group *g = calloc(1, sizeof *g);
+  unsigned i;
+  if (!g)
+    return NULL;
+  g->shards = calloc(nshards, sizeof *g->shards);
+  if (!g->shards) {
+    free(g);
+    return NULL;
+  }
+  for (i = 0; i < nshards; i++) {
+    if (shard_init(&g->shards[i]) != 0) {
+      while (i-- > 0)
+        shard_destroy(&g->shards[i]);
+      free(g->shards);
+      free(g);
+      return NULL;
+    }
+  }
+  atomic_init(&g->refs, 1);
+  g->flags = flags;
+  g->nshards = nshards;
+  return g;
+}
+
+static void group_destroy(sf_group *g) {
+  unsigned i;
+  for (i = 0; i < g->nshards; i++)
+    shard_destroy(&g->shards[i]);
+  free(g->shards);
+  free(g->name);
+  free(g);
+}
+
+/* ---- groups ---- */
+
+sf_group *sf_group_new(unsigned flags) {
+  return group_alloc(flags & SF_SINGLE_THREAD, 1);
+}
+
+sf_group *sf_group_open(const char *name, size_t len) {
+  sf_group *g;
+  pthread_mutex_lock(&registry_mu);
+  for (g = registry; g; g = g->reg_next) {
+    if (g->namelen == len && memcmp(g->name, name, len) == 0) {
+      /* A group whose count reached zero is on its way out: skip it. */
+      unsigned r = atomic_load(&g->refs);
+      while (r != 0 && !atomic_compare_exchange_weak(&g->refs, &r, r + 1))
+        ;
+      if (r != 0) {
+        pthread_mutex_unlock(&registry_mu);
+        return g;
+      }
+    }
+  }
+  g = group_alloc(0, SF_NAMED_SHARDS);
+  if (g) {
+    g->name = malloc(len + 1);
+    if (!g->name) {
+      group_destroy(g);
+      g = NULL;
+    } else {
+      memcpy(g->name, name, len);
+      g->name[len] = '\0';
+      g->namelen = len;
+      g->reg_next = registry;
+      registry = g;
+    }
+  }
+  pthread_mutex_unlock(&registry_mu);
+  return g;
+}
+
+void sf_group_retain(sf_group *g) {
+  if (locking(g))
+    atomic_fetch_add(&g->refs, 1);
+  else /* one thread at a time: a plain read-modify-write is enough */
+    atomic_store_explicit(&g->refs,
+                          atomic_load_explicit(&g->refs, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
+void sf_group_release(sf_group *g) {
+  unsigned before;
+  if (locking(g)) {
+    before = atomic_fetch_sub(&g->refs, 1);
+  } else {
+    before = atomic_load_explicit(&g->refs, memory_order_relaxed);
+    atomic_store_explicit(&g->refs, before - 1, memory_order_relaxed);
+  }
+  if (before != 1)
+    return;
+  if (g->name) {
+    sf_group **p;
+    pthread_mutex_lock(&registry_mu);
+    for (p = &registry; *p; p = &(*p)->reg_next) {
+      if (*p == g) {
+        *p = g->reg_next;
+        break;
+      }
+    }
+    pthread_mutex_unlock(&registry_mu);
+  }
+  group_destroy(g);
+}
+
+const char *sf_group_name(const sf_group *g, size_t *len) {
+  if (len)
+    *len = g->namelen;
+  return g->name;
+}
+
+/* ---- the table ---- */
+
+static sf_call **bucket_of(sf_shard *sh, uint64_t hash) {
+  return &sh->buckets[hash & (sh->nbuckets - 1)];
+}
+
+static void table_grow(sf_shard *sh) {
+  size_t n = sh->nbuckets * 2, i;
+  sf_call **nb = calloc(n, sizeof *nb);
+  if (!nb)
+    return; /* longer chains, still correct */
+  for (i = 0; i < sh->nbuckets; i++) {
+    sf_call *c = sh->buckets[i], *next;
+    for (; c; c = next) {
+      next = c->next;
+      c->next = nb[c->hash & (n - 1)];
+      nb[c->hash & (n - 1)] = c;
+    }
+  }
+  free(sh->buckets);
+  sh->buckets = nb;
+  sh->nbuckets = n;
+}
+
+static void table_unlink(sf_shard *sh, sf_call *c) {
+  sf_call **p = bucket_of(sh, c->hash);
+  for (; *p; p = &(*p)->next) {
+    if (*p == c) {
+      *p = c->next;
+      c->next = NULL;
+      c->linked = 0;
+      sh->count--;
+      return;
+    }
+  }
+}
+
+static sf_call *table_find(sf_shard *sh, uint64_t hash, const char *key,
+                           size_t len) {
+  sf_call *c = *bucket_of(sh, hash);
+  for (; c; c = c->next)
+    if (c->hash == hash && c->len == len && memcmp(c->key, key, len) == 0)
+      return c;
+  return NULL;
+}
+
+/* Drops one reference; the caller holds the shard lock. Returns 1 when it
+ * was the last, with *dead set to a record to free outside the lock (NULL
+ * when the record went back to the free list). */
+static int call_unref_locked(sf_shard *sh, sf_call *c, sf_call **dead) {
+  *dead = NULL;
+  if (--c->refs != 0)
+    return 0;
+  if (!(c->freefn && c->payload) && sh->nfree < SF_FREE_MAX &&
+      c->key == c->inl) {
+    c->next = sh->freelist;
+    sh->freelist = c;
+    sh->nfree++;
+  } else {
+    *dead = c; /* a payload's destructor runs outside the lock */
+  }
+  return 1;
+}
+
+/* Finishes dropping the last reference outside the lock: frees what must
+ * be freed and gives back the call's reference on its group. */
+static void call_dispose(sf_group *g, sf_call *dead) {
+  if (dead) {
+    if (dead->freefn && dead->payload)
+      dead->freefn(dead->payload);
+    record_free(dead);
+  }
+  sf_group_release(g);
+}
+
+/* ---- calls ---- */
+
+int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
+               uintptr_t owner, unsigned flags, sf_call **out) {
+  uint64_t hash = hash_bytes(key, len);
+  sf_shard *sh = shard_of(g, hash);
+  sf_call *c;
+  int status;
+
+  shard_lock(g, sh);
+  if (flags & SF_ACQ_COUNT_CALL)
+    stat_add(sh, SF_STAT_CALLS);
+  c = table_find(sh, hash, key, len);
+  if (c) {
+    if (c->domain == domain && c->owner == owner) {
+      shard_unlock(g, sh);
+      return SF_RECURSIVE;
+    }
+    c->dups++;
+    stat_add(sh, SF_STAT_SHARED);
+    if (c->domain == domain) {
+      c->nlocal++;
+      status = SF_JOINED;
+    } else {
+      c->refs++;
+      c->foreign++;
+      status = SF_FOREIGN;
+    }
+    shard_unlock(g, sh);
+    *out = c;
+    return status;
+  }
+
+  c = sh->freelist;
+  if (c && len <= SF_INLINE_KEY) {
+    sh->freelist = c->next;
+    sh->nfree--;
+  } else {
+    /* malloc under the lock only when the free list can't serve */
+    c = malloc(sizeof *c);
+    if (!c) {
+      shard_unlock(g, sh);
+      return SF_ENOMEM;
+    }
+    c->key = c->inl;
+    if (len > SF_INLINE_KEY) {
+      c->key = malloc(len);
+      if (!c->key) {
+        free(c);
+        shard_unlock(g, sh);
+        return SF_ENOMEM;
+      }
+    }
+  }
+  memcpy(c->key, key, len);
+  c->group = g;
+  c->hash = hash;
+  c->len = len;
+  c->domain = domain;
+  c->owner = owner;
+  c->payload = NULL;
+  c->freefn = NULL;
+  c->refs = 1;
+  c->dups = c->left = c->nlocal = c->foreign = 0;
+  c->state = ST_RUNNING;
+  c->linked = 1;
+  c->next = *bucket_of(sh, hash);
+  *bucket_of(sh, hash) = c;
+  if (++sh->count > sh->nbuckets)
+    table_grow(sh);
+  stat_add(sh, SF_STAT_EXECUTIONS);
+  shard_unlock(g, sh);
+  sf_group_retain(g);
+  *out = c;
+  return SF_LEADER;
+}
+
+void sf_unjoin(sf_call *c) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  shard_lock(g, sh);
+  c->dups--;
+  c->nlocal--;
+  sh->stats[SF_STAT_SHARED]--;
+  shard_unlock(g, sh);
+}
+
+void sf_leave(sf_call *c) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  shard_lock(g, sh);
+  c->left++;
+  stat_add(sh, SF_STAT_TIMEOUTS);
+  shard_unlock(g, sh);
+}
+
+unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  sf_call *dead = NULL;
+  unsigned foreign;
+  int last = 0;
+
+  shard_lock(g, sh);
+  if (c->linked)
+    table_unlink(sh, c);
+  if (panicked)
+    stat_add(sh, SF_STAT_PANICS);
+  *shared = c->dups > c->left;
+  *nlocal = c->nlocal;
+  foreign = c->foreign;
+  if (foreign == 0) {
+    c->state = ST_DONE;
+    last = call_unref_locked(sh, c, &dead);
+  } else {
+    c->state = ST_CLOSING;
+  }
+  shard_unlock(g, sh);
+  if (last)
+    call_dispose(g, dead);
+  return foreign;
+}
+
+void sf_publish(sf_call *c, void *payload, sf_free_fn freefn) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  sf_call *dead;
+  int last;
+
+  shard_lock(g, sh);
+  c->payload = payload;
+  c->freefn = freefn;
+  c->state = ST_DONE;
+  if (locking(g))
+    pthread_cond_broadcast(&sh->cv);
+  last = call_unref_locked(sh, c, &dead);
+  shard_unlock(g, sh);
+  if (last)
+    call_dispose(g, dead);
+}
+
+void sf_abandon(sf_call *c) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  sf_call *dead;
+  int last;
+
+  shard_lock(g, sh);
+  if (c->linked)
+    table_unlink(sh, c);
+  c->state = ST_ABANDONED;
+  stat_add(sh, SF_STAT_ABANDONED);
+  if (locking(g))
+    pthread_cond_broadcast(&sh->cv);
+  last = call_unref_locked(sh, c, &dead);
+  shard_unlock(g, sh);
+  if (last)
+    call_dispose(g, dead);
+}
+
+static void deadline_after(struct timespec *ts, double seconds) {
+  double whole;
+  clock_gettime(CLOCK_MONOTONIC, ts);
+  if (seconds > 1e9)
+    seconds = 1e9;
+  whole = (double)(time_t)seconds;
+  ts->tv_sec += (time_t)whole;
+  ts->tv_nsec += (long)((seconds - whole) * 1e9);
+  if (ts->tv_nsec >= 1000000000L) {
+    ts->tv_sec++;
+    ts->tv_nsec -= 1000000000L;
+  }
+}
+
+int sf_wait(sf_call *c, double timeout, void **payload) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  struct timespec ts;
+  int status;
+
+  if (timeout >= 0)
+    deadline_after(&ts, timeout);
+  shard_lock(g, sh);
+  while (c->state == ST_RUNNING || c->state == ST_CLOSING) {
+    int rc = timeout >= 0 ? pthread_cond_timedwait(&sh->cv, &sh->mu, &ts)
+                          : pthread_cond_wait(&sh->cv, &sh->mu);
+    if (rc == ETIMEDOUT &&
+        (c->state == ST_RUNNING || c->state == ST_CLOSING)) {
+      c->foreign--;
+      c->left++;
+      stat_add(sh, SF_STAT_TIMEOUTS);
+      shard_unlock(g, sh);
+      return SF_TIMEDOUT;
+    }
+  }
+  if (c->state == ST_DONE) {
+    *payload = c->payload;
+    status = SF_DONE;
+  } else {
+    status = SF_ABANDONED;
+  }
+  c->foreign--;
+  shard_unlock(g, sh);
+  return status;
+}
+
+void sf_release(sf_call *c) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  sf_call *dead;
+  int last;
+
+  shard_lock(g, sh);
+  last = call_unref_locked(sh, c, &dead);
+  shard_unlock(g, sh);
+  if (last)
+    call_dispose(g, dead);
+}
+
+int sf_forget(sf_group *g, const char *key, size_t len) {
+  uint64_t hash = hash_bytes(key, len);
+  sf_shard *sh = shard_of(g, hash);
+  sf_call *c;
+
+  shard_lock(g, sh);
+  c = table_find(sh, hash, key, len);
+  if (c) {
+    table_unlink(sh, c);
+    stat_add(sh, SF_STAT_FORGOTTEN);
+  }
+  shard_unlock(g, sh);
+  return c != NULL;
+}
+
+void sf_count(sf_group *g, int which) {
+  sf_shard *sh = &g->shards[0];
+  if (which < 0 || which >= SF_STAT_COUNT)
+    return;
+  shard_lock(g, sh);
+  stat_add(sh, which);
+  shard_unlock(g, sh);
+}
+
+void sf_stats_get(sf_group *g, sf_stats *st) {
+  unsigned i;
+  int k;
+  memset(st, 0, sizeof *st);
+  for (i = 0; i < g->nshards; i++) {
+    sf_shard *sh = &g->shards[i];
+    shard_lock(g, sh);
+    st->inflight += sh->count;
+    for (k = 0; k < SF_STAT_COUNT; k++)
+      st->count[k] += sh->stats[k];
+    shard_unlock(g, sh);
+  }
+}
+
+const char *sf_call_key(const sf_call *c, size_t *len) {
+  if (len)
+    *len = c->len;
+  return c->key;
+}
+
+sf_group *sf_call_group(const sf_call *c) {
+  return c->group;
+}
+
+size_t sf_call_footprint(size_t len) {
+  return sizeof(sf_call) + (len > SF_INLINE_KEY ? len : 0);
+}
+
+double sf_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}

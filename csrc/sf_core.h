@@ -1,0 +1,143 @@
+/*
+ * sf_core.h: duplicate-call suppression, the part that knows no Lua.
+ *
+ * A group maps keys to in-flight calls. The first caller of a key becomes
+ * the leader and runs the work; callers that arrive while it runs join the
+ * call. Joiners from the leader's own domain (for the binding: the same
+ * lua_State) wait by their own means; joiners from other domains block on a
+ * condition variable until the leader publishes an opaque payload.
+ *
+ * Every function is thread-safe unless the group was made with
+ * SF_SINGLE_THREAD, in which case the caller promises that one thread at a
+ * time touches it. No function calls back into user code while it holds a
+ * lock.
+ */
+#ifndef SF_CORE_H
+#define SF_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct sf_group sf_group;
+typedef struct sf_call sf_call;
+
+/* Frees a payload given to sf_publish once the last waiter released it. */
+typedef void (*sf_free_fn)(void *payload);
+
+/* Group creation flags. */
+enum {
+  SF_SINGLE_THREAD = 1 /* no locking: one thread uses the group at a time */
+};
+
+/* What sf_acquire made of the caller. */
+enum {
+  SF_ENOMEM = -1,  /* out of memory: nothing changed */
+  SF_LEADER = 0,   /* run the work, then sf_finish */
+  SF_JOINED = 1,   /* joined a call led from the same domain */
+  SF_FOREIGN = 2,  /* joined a call led from another domain: sf_wait */
+  SF_RECURSIVE = 3 /* the owner asked again for the key it is running */
+};
+
+/* How a foreign wait ended. */
+enum {
+  SF_DONE = 0,      /* the leader published: see the payload */
+  SF_TIMEDOUT = 1,  /* gave up; the call goes on without this waiter */
+  SF_ABANDONED = 2  /* the leader went away: try sf_acquire again */
+};
+
+/* Counters kept per group, over every domain. */
+enum {
+  SF_STAT_CALLS,
+  SF_STAT_EXECUTIONS,
+  SF_STAT_SHARED,
+  SF_STAT_PANICS,
+  SF_STAT_TIMEOUTS,
+  SF_STAT_ABANDONED,
+  SF_STAT_FORGOTTEN,
+  SF_STAT_COUNT
+};
+
+typedef struct sf_stats {
+  size_t inflight;                 /* keys with a call running now */
+  uint64_t count[SF_STAT_COUNT];   /* indexed by SF_STAT_* */
+} sf_stats;
+
+/* Flags for sf_acquire. */
+enum {
+  SF_ACQ_COUNT_CALL = 1 /* count this acquire in SF_STAT_CALLS */
+};
+
+/* Groups. A new group has one reference, owned by the caller. */
+sf_group *sf_group_new(unsigned flags);
+/* The process-wide group `name`, made on first use; a new reference. */
+sf_group *sf_group_open(const char *name, size_t len);
+void sf_group_retain(sf_group *g);
+void sf_group_release(sf_group *g);
+/* The group's name (NULL for an unnamed group) and its length. */
+const char *sf_group_name(const sf_group *g, size_t *len);
+
+/*
+ * Looks up `key` (any bytes) and either starts a call (SF_LEADER) or joins
+ * the one in flight. `domain` says who is asking (the binding passes its
+ * lua_State's identity); `owner` says which flow of control inside the
+ * domain, and is used only to refuse recursion. *out is set for LEADER,
+ * JOINED and FOREIGN.
+ *
+ * A LEADER owns one reference to the call: it gives it up by sf_finish (and
+ * sf_publish when sf_finish returns non-zero) or by sf_abandon. A FOREIGN
+ * joiner owns one reference, given up by sf_release after sf_wait. A JOINED
+ * joiner owns none: the call lives while its leader does, in its domain.
+ */
+int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
+               uintptr_t owner, unsigned flags, sf_call **out);
+
+/* A JOINED caller that won't wait after all: undoes the join. */
+void sf_unjoin(sf_call *c);
+/* A JOINED caller that gave up waiting (counted as a timeout). */
+void sf_leave(sf_call *c);
+
+/*
+ * The leader's work is done. Removes the key unless it was forgotten, so
+ * that later callers start afresh. *shared is set to whether any joiner is
+ * still there to take the results, *nlocal to the number of JOINED callers.
+ * Returns the number of foreign waiters: when it is 0 the call is complete
+ * and the leader's reference is gone; otherwise the leader must call
+ * sf_publish.
+ */
+unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal);
+
+/* Hands the foreign waiters their payload (may be NULL), wakes them and
+ * drops the leader's reference. `freefn` frees the payload at the end. */
+void sf_publish(sf_call *c, void *payload, sf_free_fn freefn);
+
+/* The leader will never finish: removes the key, wakes the foreign waiters
+ * with SF_ABANDONED and drops the leader's reference. */
+void sf_abandon(sf_call *c);
+
+/*
+ * A FOREIGN joiner waits at most `timeout` seconds (negative: no limit).
+ * On SF_DONE, *payload is the published payload, valid until sf_release.
+ */
+int sf_wait(sf_call *c, double timeout, void **payload);
+/* Gives up a FOREIGN joiner's reference. */
+void sf_release(sf_call *c);
+
+/* Detaches the call for `key`, if any: later callers start a new one.
+ * Returns 1 if a call was in flight. */
+int sf_forget(sf_group *g, const char *key, size_t len);
+
+/* Adds one to a counter (for events the core can't see, such as a
+ * timed-out caller that runs the work itself). */
+void sf_count(sf_group *g, int which);
+void sf_stats_get(sf_group *g, sf_stats *st);
+
+/* Introspection for tests and the binding. */
+const char *sf_call_key(const sf_call *c, size_t *len);
+sf_group *sf_call_group(const sf_call *c);
+/* Bytes the core allocates for one in-flight call with a key of `len`. */
+size_t sf_call_footprint(size_t len);
+
+/* Monotonic clock, seconds. */
+double sf_now(void);
+
+#endif

@@ -1,0 +1,493 @@
+--- singleflight: duplicate-call suppression for Lua.
+--
+-- While a call for a key is in flight, every other caller of that key waits
+-- for it and gets the same result. The C module singleflight.core keeps the
+-- in-flight calls; this file runs the callback, makes duplicates wait
+-- through a scheduler and turns errors into panic errors.
+
+local core = require "singleflight.core"
+
+local error, getmetatable, pairs, pcall, rawget, setmetatable,
+      tostring, type, xpcall, require =
+      error, getmetatable, pairs, pcall, rawget, setmetatable,
+      tostring, type, xpcall, require
+local co_create, co_resume, co_running, co_status, co_yield =
+      coroutine.create, coroutine.resume, coroutine.running, coroutine.status,
+      coroutine.yield
+local co_isyieldable = coroutine.isyieldable
+local traceback = debug.traceback
+local sfmt = string.format
+
+local acquire, finish, unjoin, leave, publish, core_wait, core_count, now,
+      quote, guard_of, alias =
+      core.acquire, core.finish, core.unjoin, core.leave, core.publish,
+      core.wait, core.count, core.now, core.quote, core.guard, core.alias
+
+local LEADER, JOINED = 0, 1
+local TIMEOUT = "singleflight: wait timed out"
+local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
+
+local M = {
+  _VERSION = "singleflight 0.1.0",
+  TIMEOUT = TIMEOUT,
+}
+
+---------------------------------------------------------------------------
+-- Panic errors
+
+local Panic = { __name = "singleflight.Panic" }
+
+-- tostring that never raises: a failing __tostring gives the type's name.
+local function safe_tostring(v)
+  local ok, s = pcall(tostring, v)
+  if ok and type(s) == "string" then
+    return s
+  end
+  return "(" .. type(v) .. " value, __tostring failed)"
+end
+
+function Panic.__tostring(e)
+  return "singleflight: " .. safe_tostring(rawget(e, "value"))
+end
+
+local function new_panic(value, tb, key)
+  return setmetatable({ value = value, traceback = tb or "", key = key }, Panic)
+end
+
+local function is_panic(x)
+  return type(x) == "table" and getmetatable(x) == Panic
+end
+M.is_panic = is_panic
+
+local function strip_nl(tb)
+  if type(tb) == "string" and tb:sub(1, 1) == "\n" then
+    return tb:sub(2)
+  end
+  return tb
+end
+
+-- The message handler of the leader's pcall: keeps the value untouched and
+-- notes where it was raised.
+local function msgh(e)
+  return new_panic(e, strip_nl(traceback("", 2)))
+end
+
+---------------------------------------------------------------------------
+-- Running fn: run(fn, ...) -> true, v, err | false, panic
+
+local run, nonyield51
+if not LUA51 then
+  run = function(fn, ...)
+    return xpcall(fn, msgh, ...)
+  end
+else
+  -- Lua 5.1 can't yield across pcall: fn runs in a coroutine of its own
+  -- whose yields are passed up to the caller's scheduler.
+  nonyield51 = setmetatable({}, { __mode = "k" })
+  local function step(co, ok, ...)
+    if co_status(co) == "dead" then
+      if ok then
+        return true, ...
+      end
+      return false, new_panic((...), strip_nl(traceback(co, "")))
+    end
+    local outer = co_running()
+    if outer == nil or nonyield51[outer] then
+      return false, new_panic("attempt to yield from outside a coroutine")
+    end
+    return step(co, co_resume(co, co_yield(...)))
+  end
+  run = function(fn, ...)
+    local f = fn
+    if type(f) ~= "function" then
+      f = function(...) return fn(...) end
+    end
+    local co = co_create(f)
+    local outer = co_running()
+    alias(co, guard_of())
+    if outer == nil or nonyield51[outer] then
+      nonyield51[co] = true
+    end
+    return step(co, co_resume(co, ...))
+  end
+end
+
+---------------------------------------------------------------------------
+-- Backends: how a duplicate in the leader's own Lua state waits.
+--
+-- A backend is a table:
+--   new()            -> a wait object for one in-flight call (optional)
+--   wait(obj, secs)  block the running coroutine until wake(obj) or secs
+--                    seconds (nil: no limit); may return early
+--   wake(obj, n)     wake the n coroutines waiting on obj
+--   can_wait()       -> true, or false and why (optional)
+--   spawn(fn, ...)   run fn(...) in a new light thread (optional; start)
+
+local function in_yieldable_coroutine()
+  if co_isyieldable then
+    if co_isyieldable() then
+      return true
+    end
+  else
+    local co, main = co_running()
+    if co ~= nil and not main and not (nonyield51 and nonyield51[co]) then
+      return true
+    end
+  end
+  local co, main = co_running()
+  if co == nil or main then
+    return false, "the main coroutine cannot wait"
+  end
+  return false, "the running coroutine cannot yield here"
+end
+
+local backends = {}
+
+backends.none = {
+  name = "none",
+  wait = function() end,
+  wake = function() end,
+  can_wait = function()
+    return false, "no backend to wait with (backend \"none\"; see the backend option)"
+  end,
+}
+
+backends.coroutine = {
+  name = "coroutine",
+  wait = function()
+    co_yield()
+  end,
+  wake = function() end,
+  can_wait = in_yieldable_coroutine,
+}
+
+-- Backends that live in their own files, loaded on first use.
+local lazy_backends = { ngx = true, cqueues = true, copas = true }
+
+local function get_backend(name)
+  local be = backends[name]
+  if be == nil and lazy_backends[name] then
+    be = require("singleflight.backend." .. name)
+    backends[name] = be
+  end
+  return be
+end
+
+-- "auto": the scheduler the caller is running under, if any.
+local function auto_backend()
+  local ngx = rawget(_G, "ngx")
+  if type(ngx) == "table" and type(ngx.get_phase) == "function" then
+    return get_backend("ngx")
+  end
+  local loaded = package.loaded
+  local cq = loaded.cqueues
+  if type(cq) == "table" and type(cq.running) == "function" and cq.running() then
+    return get_backend("cqueues")
+  end
+  local copas = loaded.copas
+  if type(copas) == "table" then
+    local be = get_backend("copas")
+    if be.can_wait() then
+      return be
+    end
+  end
+  return backends.none
+end
+
+local function resolve_backend(spec)
+  if spec == "auto" then
+    return auto_backend()
+  elseif type(spec) == "string" then
+    return get_backend(spec)
+  end
+  return spec
+end
+
+---------------------------------------------------------------------------
+-- Options
+
+local DEFAULTS = { on_timeout = "error", backend = "auto" }
+local options = setmetatable({}, { __mode = "k" }) -- handle -> options
+
+local backend_names = {
+  auto = true, ngx = true, cqueues = true, copas = true, coroutine = true,
+  none = true,
+}
+
+local function option_error(fname, name, msg)
+  error(sfmt("bad option '%s' to '%s' (%s)", name, fname, msg), 4)
+end
+
+local function check_backend_table(fname, be)
+  if type(be.wait) ~= "function" or type(be.wake) ~= "function" then
+    option_error(fname, "backend", "a backend table needs functions 'wait' and 'wake'")
+  end
+  for _, f in pairs { "new", "can_wait", "spawn" } do
+    if be[f] ~= nil and type(be[f]) ~= "function" then
+      option_error(fname, "backend", sfmt("backend field '%s' must be a function", f))
+    end
+  end
+end
+
+local function check_options(fname, argn, opts)
+  if opts == nil then
+    return DEFAULTS
+  end
+  if type(opts) ~= "table" then
+    error(sfmt("bad argument #%d to '%s' (table expected, got %s)", argn, fname,
+               type(opts)), 3)
+  end
+  local o = { on_timeout = "error", backend = "auto" }
+  for k, v in pairs(opts) do
+    if k == "timeout" then
+      if type(v) ~= "number" or v ~= v or v < 0 then
+        option_error(fname, "timeout",
+                     sfmt("non-negative number expected, got %s",
+                          type(v) == "number" and tostring(v) or type(v)))
+      end
+      if v ~= math.huge then
+        o.timeout = v
+      end
+    elseif k == "on_timeout" then
+      if v ~= "error" and v ~= "run" then
+        option_error(fname, "on_timeout",
+                     sfmt("\"error\" or \"run\" expected, got %s",
+                          type(v) == "string" and sfmt("%q", v) or type(v)))
+      end
+      o.on_timeout = v
+    elseif k == "backend" then
+      if type(v) == "table" then
+        check_backend_table(fname, v)
+      elseif type(v) ~= "string" or not backend_names[v] then
+        option_error(fname, "backend",
+                     sfmt("one of \"auto\", \"ngx\", \"cqueues\", \"copas\", "
+                          .. "\"coroutine\", \"none\" or a table expected, got %s",
+                          type(v) == "string" and sfmt("%q", v) or type(v)))
+      end
+      o.backend = v
+    else
+      error(sfmt("bad option '%s' to '%s' (unknown option)", tostring(k), fname), 3)
+    end
+  end
+  return o
+end
+
+---------------------------------------------------------------------------
+-- Waiting in the leader's own state
+
+-- call -> { objs = {backend -> wait object}, counts = {backend -> n},
+--           done, ok, v, err, panic, abandoned }
+local locals = {}
+
+local function wake_all(rec)
+  for be, obj in pairs(rec.objs) do
+    local n = rec.counts[be]
+    if n > 0 then
+      pcall(be.wake, obj, n)
+    end
+  end
+end
+
+local function wait_local(opts, c, skey)
+  local be = resolve_backend(opts.backend)
+  local can, why = true, nil
+  if be.can_wait then
+    can, why = be.can_wait()
+  end
+  if not can then
+    unjoin(c)
+    error(sfmt("singleflight: cannot wait for key %s: %s", quote(skey),
+               why or "the backend cannot wait here"), 0)
+  end
+  local rec = locals[c]
+  if not rec then
+    rec = { objs = {}, counts = {} }
+    locals[c] = rec
+  end
+  local obj = rec.objs[be]
+  if obj == nil then
+    obj = be.new and be.new() or true
+    rec.objs[be] = obj
+    rec.counts[be] = 0
+  end
+  rec.counts[be] = rec.counts[be] + 1
+  local timeout = opts.timeout
+  local deadline = timeout and now() + timeout
+  while not rec.done and not rec.abandoned do
+    local remaining
+    if deadline then
+      remaining = deadline - now()
+      if remaining <= 0 then
+        break
+      end
+    end
+    be.wait(obj, remaining)
+  end
+  rec.counts[be] = rec.counts[be] - 1
+  if rec.done then
+    if rec.ok then
+      return "done", true, rec.v, rec.err
+    end
+    return "done", false, rec.panic
+  elseif rec.abandoned then
+    return "abandoned"
+  end
+  leave(c)
+  return "timeout"
+end
+
+---------------------------------------------------------------------------
+-- The leader's side
+
+-- Called when the leader's fn returned or raised and someone is waiting.
+local function leader_slow(_, skey, c, ok, shared, nlocal, nforeign, v, err)
+  local p
+  if not ok then
+    p = v
+    if not is_panic(p) then -- an error in the error handler itself
+      p = new_panic(p)
+    end
+    p.key = skey
+  end
+  if nforeign > 0 then
+    if ok then
+      publish(c, true, v, err)
+    else
+      publish(c, false, p.value, nil, p.traceback)
+    end
+  end
+  if nlocal > 0 then
+    local rec = locals[c]
+    if rec then
+      locals[c] = nil
+      rec.done, rec.ok, rec.v, rec.err, rec.panic = true, ok, v, err, p
+      wake_all(rec)
+    end
+  end
+  if not ok then
+    error(p, 0)
+  end
+  return v, err, shared
+end
+
+-- The guard of a leader that went away calls this for each of its calls.
+local function on_abandon(c)
+  local rec = locals[c]
+  if rec then
+    locals[c] = nil
+    rec.abandoned = true
+    wake_all(rec)
+  end
+end
+
+local function leader_done(self, skey, c, guard, ok, v, err)
+  local shared, nlocal, nforeign = finish(c, guard, ok)
+  if ok and nlocal == 0 and nforeign == 0 then
+    return v, err, shared
+  end
+  return leader_slow(self, skey, c, ok, shared, nlocal, nforeign, v, err)
+end
+
+local lead = core.lead or function(self, skey, guard, c, fn, ...)
+  return leader_done(self, skey, c, guard, run(fn, ...))
+end
+
+-- A caller that gave up waiting and runs fn itself, unshared.
+local function run_unshared(self, skey, fn, ...)
+  core_count(self, "executions")
+  local ok, v, err = run(fn, ...)
+  if not ok then
+    core_count(self, "panics")
+    v.key = skey
+    error(v, 0)
+  end
+  return v, err, false
+end
+
+---------------------------------------------------------------------------
+-- The duplicate's side
+
+local function join(self, st, c, skey, fn, ...)
+  local opts = options[self] or DEFAULTS
+  while true do
+    local r, ok, v, err
+    if st == JOINED then
+      r, ok, v, err = wait_local(opts, c, skey)
+    else
+      r, ok, v, err = core_wait(c, opts.timeout or -1)
+    end
+    if r == "done" then
+      if ok then
+        return v, err, true
+      end
+      if st == JOINED then
+        error(v, 0)
+      end
+      error(new_panic(v, err, skey), 0)
+    elseif r == "timeout" then
+      if opts.on_timeout == "run" then
+        return run_unshared(self, skey, fn, ...)
+      end
+      return nil, TIMEOUT, false
+    elseif r == "error" then
+      error(ok, 0)
+    end
+    -- abandoned: the first waiter back becomes the new leader
+    local guard
+    st, c, guard = acquire(self, skey, fn, false)
+    if st == LEADER then
+      return lead(self, skey, guard, c, fn, ...)
+    end
+  end
+end
+
+core.set_hooks {
+  msgh = msgh,
+  join = join,
+  leader = leader_slow,
+  abandon = on_abandon,
+  tostring = safe_tostring,
+}
+
+---------------------------------------------------------------------------
+-- Groups
+
+local methods = core.methods
+
+if core.has_c_call then
+  methods.call = core.call
+else
+  methods.call = function(self, key, fn, ...)
+    local st, c, guard, skey = acquire(self, key, fn, true)
+    if st == LEADER then
+      return leader_done(self, skey, c, guard, run(fn, ...))
+    end
+    return join(self, st, c, skey, fn, ...)
+  end
+end
+methods["do"] = methods.call
+
+--- A group private to this Lua state.
+function M.new(opts)
+  local o = check_options("new", 1, opts)
+  local g = core.new()
+  options[g] = o
+  return g
+end
+
+--- A handle on the process-wide group `name`.
+function M.group(name, opts)
+  if type(name) ~= "string" then
+    error(sfmt("bad argument #1 to 'group' (string expected, got %s)", type(name)), 2)
+  end
+  local o = check_options("group", 2, opts)
+  local g = core.open(name)
+  options[g] = o
+  return g
+end
+
+-- For the specs and the benchmarks.
+M._core = core
+M._backends = backends
+
+return M

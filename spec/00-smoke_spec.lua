@@ -1,0 +1,20 @@
+describe("the module", function()
+  local singleflight = require "singleflight"
+
+  it("loads, with its C core", function()
+    assert.is_table(singleflight)
+    assert.is_function(singleflight.new)
+    assert.is_function(singleflight.group)
+    assert.is_function(singleflight.is_panic)
+    assert.equal("singleflight: wait timed out", singleflight.TIMEOUT)
+    assert.is_table(require "singleflight.core")
+  end)
+
+  it("runs a call", function()
+    local g = singleflight.new()
+    local v, err, shared = g:call("k", function(a, b) return a + b, "e" end, 1, 2)
+    assert.equal(3, v)
+    assert.equal("e", err)
+    assert.is_false(shared)
+  end)
+end)
