@@ -408,7 +408,8 @@ static int lsf_count(lua_State *L) {
 /* ---- calls ---- */
 
 /*
- * acquire(g, key, fn, count) -> status, call, guard, key
+ * acquire(g, key, fn, count, joinonly) -> status, call, guard, key
+ * (status nil: joinonly and nothing in flight)
  * The Lua layer's entry (Lua 5.1 and LuaJIT), and the way back in for a
  * waiter whose leader was abandoned. Errors blame the caller of `call`.
  */
@@ -416,7 +417,8 @@ static int lsf_acquire(lua_State *L) {
   sf_group *g = check_group(L, 1, 2);
   size_t len;
   const char *key = check_key(L, 2, &len, 2, 1, "call");
-  unsigned flags = lua_toboolean(L, 4) ? SF_ACQ_COUNT_CALL : 0;
+  unsigned flags = (lua_toboolean(L, 4) ? SF_ACQ_COUNT_CALL : 0) |
+                   (lua_toboolean(L, 5) ? SF_ACQ_JOIN_ONLY : 0);
   lsf_guard *gd;
   sf_call *c;
   int st;
@@ -446,6 +448,12 @@ static int lsf_acquire(lua_State *L) {
     return 4;
   case SF_RECURSIVE:
     return raise_recursive(L, key, len);
+  case SF_ABSENT:
+    lua_pushnil(L);
+    lua_pushnil(L);
+    lua_pushnil(L);
+    lua_pushvalue(L, 2);
+    return 4;
   default:
     return raise_nomem(L);
   }

@@ -366,6 +366,10 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   if (flags & SF_ACQ_COUNT_CALL)
     stat_add(sh, SF_STAT_CALLS);
   c = table_find(sh, hash, key, len);
+  if (!c && (flags & SF_ACQ_JOIN_ONLY)) {
+    shard_unlock(g, sh);
+    return SF_ABSENT;
+  }
   if (c) {
     if (c->domain == domain && c->owner == owner) {
       shard_unlock(g, sh);

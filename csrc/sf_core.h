@@ -35,7 +35,8 @@ enum {
   SF_LEADER = 0,   /* run the work, then sf_finish */
   SF_JOINED = 1,   /* joined a call led from the same domain */
   SF_FOREIGN = 2,  /* joined a call led from another domain: sf_wait */
-  SF_RECURSIVE = 3 /* the owner asked again for the key it is running */
+  SF_RECURSIVE = 3, /* the owner asked again for the key it is running */
+  SF_ABSENT = 4     /* SF_ACQ_JOIN_ONLY and no call in flight: nothing done */
 };
 
 /* How a foreign wait ended. */
@@ -64,7 +65,8 @@ typedef struct sf_stats {
 
 /* Flags for sf_acquire. */
 enum {
-  SF_ACQ_COUNT_CALL = 1 /* count this acquire in SF_STAT_CALLS */
+  SF_ACQ_COUNT_CALL = 1, /* count this acquire in SF_STAT_CALLS */
+  SF_ACQ_JOIN_ONLY = 2   /* join a call in flight, but never lead one */
 };
 
 /* Groups. A new group has one reference, owned by the caller. */

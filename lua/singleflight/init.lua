@@ -7,9 +7,9 @@
 
 local core = require "singleflight.core"
 
-local error, getmetatable, pairs, pcall, rawget, setmetatable,
+local error, getmetatable, pairs, pcall, rawget, select, setmetatable,
       tostring, type, xpcall, require =
-      error, getmetatable, pairs, pcall, rawget, setmetatable,
+      error, getmetatable, pairs, pcall, rawget, select, setmetatable,
       tostring, type, xpcall, require
 local co_create, co_resume, co_running, co_status, co_yield =
       coroutine.create, coroutine.resume, coroutine.running, coroutine.status,
@@ -441,6 +441,120 @@ local function join(self, st, c, skey, fn, ...)
   end
 end
 
+---------------------------------------------------------------------------
+-- g:start(key, fn, ...): Go's DoChan. A future joins the call in flight, or
+-- the leader starts in a light thread of the backend's scheduler.
+
+local Future = { __name = "singleflight.Future" }
+Future.__index = Future
+
+-- Waits through `be` until holder.done or the deadline; holder keeps the
+-- wait objects, as a call's local record does.
+local function wait_holder(be, holder, deadline)
+  local obj = holder.objs[be]
+  if obj == nil then
+    obj = be.new and be.new() or true
+    holder.objs[be] = obj
+    holder.counts[be] = 0
+  end
+  holder.counts[be] = holder.counts[be] + 1
+  while not holder.done do
+    local remaining
+    if deadline then
+      remaining = deadline - now()
+      if remaining <= 0 then
+        break
+      end
+    end
+    be.wait(obj, remaining)
+  end
+  holder.counts[be] = holder.counts[be] - 1
+  return holder.done
+end
+
+local function fulfil(f, ok, v, err, shared)
+  if ok then
+    f.v, f.err, f.shared = v, err, shared
+  else
+    if is_panic(v) and is_panic(v.value) then -- raised by call: unwrap
+      v = v.value
+    end
+    f.panic = v
+  end
+  f.done = true
+  wake_all(f)
+end
+
+--- Waits at most `timeout` seconds (default: no limit) for the result.
+function Future:wait(timeout)
+  if getmetatable(self) ~= Future then
+    error("bad argument #1 to 'wait' (singleflight.Future expected)", 2)
+  end
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0) then
+    error(sfmt("bad argument #1 to 'wait' (non-negative number expected, got %s)",
+               type(timeout) == "number" and tostring(timeout) or type(timeout)), 2)
+  end
+  if not self.done then
+    local be = self.backend
+    local can, why = true, nil
+    if be.can_wait then
+      can, why = be.can_wait()
+    end
+    if not can then
+      error(sfmt("singleflight: cannot wait for key %s: %s", quote(self.key),
+                 why or "the backend cannot wait here"), 0)
+    end
+    if not wait_holder(be, self, timeout and now() + timeout) then
+      return nil, TIMEOUT, false
+    end
+  end
+  if self.panic ~= nil then
+    error(self.panic, 0)
+  end
+  return self.v, self.err, self.shared
+end
+
+--- True once the result is in.
+function Future:ready()
+  return self.done == true
+end
+
+function Future:__tostring()
+  return sfmt("singleflight.Future %s (%s)", quote(self.key),
+              self.done and "ready" or "pending")
+end
+
+local function start(self, key, fn, ...)
+  local opts = options[self] or DEFAULTS
+  local be = resolve_backend(opts.backend)
+  if not be.spawn then
+    error(sfmt("singleflight: start needs a backend that can spawn light threads "
+               .. "(backend %q has no spawn)", be.name or "?"), 2)
+  end
+  -- probe: join what is in flight, never lead from here
+  local st, c, _, skey = acquire(self, key, fn, true, true)
+  local f = setmetatable({ key = skey, backend = be, objs = {}, counts = {},
+                           done = false }, Future)
+  local n, args = select('#', ...), { ... }
+  local body
+  if st == nil then
+    body = function()
+      return self:call(skey, fn, (table.unpack or unpack)(args, 1, n))
+    end
+  else
+    if st == JOINED and not locals[c] then
+      locals[c] = { objs = {}, counts = {} } -- so the leader keeps our result
+    end
+    body = function()
+      return join(self, st, c, skey, fn, (table.unpack or unpack)(args, 1, n))
+    end
+  end
+  be.spawn(function()
+    fulfil(f, run(body))
+  end)
+  return f
+end
+
 core.set_hooks {
   msgh = msgh,
   join = join,
@@ -466,6 +580,7 @@ else
   end
 end
 methods["do"] = methods.call
+methods.start = start
 
 --- A group private to this Lua state.
 function M.new(opts)
