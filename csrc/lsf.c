@@ -28,7 +28,9 @@
 #define UV_GUARDS lua_upvalueindex(1)
 #define UV_HOOKS lua_upvalueindex(2)
 #define UV_CTX lua_upvalueindex(3)
-#define NUPVALUES 3
+#define UV_GROUP_MT lua_upvalueindex(4)
+#define UV_GUARD_MT lua_upvalueindex(5)
+#define NUPVALUES 5
 
 /* Slots of the hooks table. */
 enum { HOOK_MSGH = 1, HOOK_JOIN, HOOK_LEADER, HOOK_ABANDON, HOOK_TOSTRING };
@@ -36,8 +38,11 @@ enum { HOOK_MSGH = 1, HOOK_JOIN, HOOK_LEADER, HOOK_ABANDON, HOOK_TOSTRING };
 /* Status codes shared with the Lua layer. */
 enum { ST_LEADER = 0, ST_JOINED = 1, ST_FOREIGN = 2 };
 
+struct lsf_guard;
+
 typedef struct lsf_ctx {
   uintptr_t next_id;
+  struct lsf_guard *main_guard; /* the main thread's, once made */
 } lsf_ctx;
 
 typedef struct lsf_group {
@@ -62,6 +67,29 @@ static uintptr_t domain_of(lua_State *L) {
 
 /* ---- argument checks ---- */
 
+/* The userdata at idx if its metatable is the one at upvalue mt, else NULL:
+ * luaL_testudata without looking the name up in the registry. */
+static void *test_udata(lua_State *L, int idx, int mt) {
+  void *p = lua_touserdata(L, idx);
+  if (p && lua_getmetatable(L, idx)) {
+    int same = lua_rawequal(L, -1, mt);
+    lua_pop(L, 1);
+    if (same)
+      return p;
+  }
+  return NULL;
+}
+
+static lsf_group *to_group(lua_State *L, int idx) {
+  lsf_group *ug = (lsf_group *)test_udata(L, idx, UV_GROUP_MT);
+  return ug ? ug : (lsf_group *)luaL_checkudata(L, idx, GROUP_MT);
+}
+
+static lsf_guard *to_guard(lua_State *L, int idx) {
+  lsf_guard *gd = (lsf_guard *)test_udata(L, idx, UV_GUARD_MT);
+  return gd ? gd : (lsf_guard *)luaL_checkudata(L, idx, GUARD_MT);
+}
+
 static int arg_error(lua_State *L, int level, int arg, const char *fname,
                      const char *msg) {
   luaL_where(L, level);
@@ -79,7 +107,7 @@ static int type_error(lua_State *L, int level, int idx, int arg,
 
 /* The group at idx, open. level: where to blame a closed handle. */
 static sf_group *check_group(lua_State *L, int idx, int level) {
-  lsf_group *ug = (lsf_group *)luaL_checkudata(L, idx, GROUP_MT);
+  lsf_group *ug = to_group(L, idx);
   if (!ug->g) {
     luaL_where(L, level);
     lua_pushliteral(L, "singleflight: attempt to use a closed group");
@@ -245,7 +273,10 @@ static void guard_abandon_from(lua_State *L, lsf_guard *gd, int from) {
 }
 
 static int lsf__guard_gc(lua_State *L) {
-  lsf_guard *gd = (lsf_guard *)luaL_checkudata(L, 1, GUARD_MT);
+  lsf_guard *gd = to_guard(L, 1);
+  lsf_ctx *cx = (lsf_ctx *)lua_touserdata(L, UV_CTX);
+  if (cx->main_guard == gd)
+    cx->main_guard = NULL;
   guard_abandon_from(L, gd, 0);
   gd->marks = 0;
   if (gd->stack != gd->inl) {
@@ -262,7 +293,7 @@ static int lsf__guard_gc(lua_State *L) {
  * leader is suspended inside fn, it was not: abandon it, and anything it
  * started inside. */
 static int lsf__guard_close(lua_State *L) {
-  lsf_guard *gd = (lsf_guard *)luaL_checkudata(L, 1, GUARD_MT);
+  lsf_guard *gd = to_guard(L, 1);
   int mine = gd->marks;
   if (mine > 0) {
     gd->marks--;
@@ -281,7 +312,7 @@ static int lsf_current_guard(lua_State *L) {
 /* alias(co, guard): co runs fn on behalf of the guard's coroutine (5.1). */
 static int lsf_alias(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTHREAD);
-  luaL_checkudata(L, 2, GUARD_MT);
+  to_guard(L, 2);
   lua_settop(L, 2);
   lua_rawset(L, UV_GUARDS);
   return 0;
@@ -320,7 +351,7 @@ static int lsf_open(lua_State *L) {
 }
 
 static int lsf__group_gc(lua_State *L) {
-  lsf_group *ug = (lsf_group *)luaL_checkudata(L, 1, GROUP_MT);
+  lsf_group *ug = to_group(L, 1);
   if (ug->g) {
     sf_group *g = ug->g;
     ug->g = NULL;
@@ -330,7 +361,7 @@ static int lsf__group_gc(lua_State *L) {
 }
 
 static int lsf__group_tostring(lua_State *L) {
-  lsf_group *ug = (lsf_group *)luaL_checkudata(L, 1, GROUP_MT);
+  lsf_group *ug = to_group(L, 1);
   if (!ug->g) {
     lua_pushliteral(L, "singleflight.Group (closed)");
   } else {
@@ -349,7 +380,7 @@ static int lsf__group_tostring(lua_State *L) {
 }
 
 static int lsf_closed(lua_State *L) {
-  lsf_group *ug = (lsf_group *)luaL_checkudata(L, 1, GROUP_MT);
+  lsf_group *ug = to_group(L, 1);
   lua_pushboolean(L, ug->g == NULL);
   return 1;
 }
@@ -392,7 +423,7 @@ static int lsf_stats(lua_State *L) {
 
 /* count(g, name): one more event the core does not see by itself. */
 static int lsf_count(lua_State *L) {
-  lsf_group *ug = (lsf_group *)luaL_checkudata(L, 1, GROUP_MT);
+  lsf_group *ug = to_group(L, 1);
   const char *name = luaL_checkstring(L, 2);
   int k;
   for (k = 0; k < SF_STAT_COUNT; k++) {
@@ -462,7 +493,7 @@ static int lsf_acquire(lua_State *L) {
 /* finish(call, guard, ok) -> shared, nlocal, nforeign */
 static int lsf_finish(lua_State *L) {
   sf_call *c = check_call(L, 1);
-  lsf_guard *gd = (lsf_guard *)luaL_checkudata(L, 2, GUARD_MT);
+  lsf_guard *gd = to_guard(L, 2);
   int shared;
   unsigned nlocal, nforeign;
   guard_remove(gd, c);
@@ -531,8 +562,13 @@ LSF_KFUNC(lead_k) {
 static int lead_run(lua_State *L) {
   int nargs = lua_gettop(L) - 6;
 #if LSF_HAVE_TOCLOSE
-  ((lsf_guard *)lua_touserdata(L, 3))->marks++;
-  lua_toclose(L, 3);
+  /* coroutine.close of a suspended leader closes this slot: see
+   * lsf__guard_close. The main thread cannot be closed so it goes without
+   * (its guard is passed as a light userdata). */
+  if (lua_type(L, 3) == LUA_TUSERDATA) {
+    ((lsf_guard *)lua_touserdata(L, 3))->marks++;
+    lua_toclose(L, 3);
+  }
 #endif
   return LSF_KCALL(lead_k, L,
                    lua_pcallk(L, nargs, 2, 5, 0, LSF_K(lead_k)), 0);
@@ -540,7 +576,7 @@ static int lead_run(lua_State *L) {
 
 /* lead(g, key, guard, call, fn, ...): run fn as the leader of call. */
 static int lsf_lead(lua_State *L) {
-  luaL_checkudata(L, 3, GUARD_MT);
+  to_guard(L, 3);
   check_call(L, 4);
   lua_rawgeti(L, UV_HOOKS, HOOK_MSGH);
   lsf_insertn(L, 5, 1);
@@ -560,7 +596,21 @@ static int lsf_call(lua_State *L) {
   sf_call *c;
   int st;
   check_fn(L, 3, 1, 2, "call");
-  gd = guard_push(L);
+  if (lua_pushthread(L)) {
+    /* the main thread lives as long as the state: its guard is cached and
+     * rides along as a light userdata */
+    lsf_ctx *cx = (lsf_ctx *)lua_touserdata(L, UV_CTX);
+    lua_pop(L, 1);
+    gd = cx->main_guard;
+    if (!gd) {
+      gd = cx->main_guard = guard_push(L);
+      lua_pop(L, 1);
+    }
+    lua_pushlightuserdata(L, gd);
+  } else {
+    lua_pop(L, 1);
+    gd = guard_push(L);
+  }
   st = sf_acquire(g, key, len, domain_of(L), gd->id, SF_ACQ_COUNT_CALL, &c);
   if (st == SF_LEADER) {
     if (guard_add(gd, c) != 0) {
@@ -1092,16 +1142,19 @@ static const luaL_Reg guard_metamethods[] = {
   {NULL, NULL}
 };
 
-static void push_upvalues(lua_State *L, int guards, int hooks, int ctx) {
+static void push_upvalues(lua_State *L, int guards, int hooks, int ctx,
+                          int group_mt, int guard_mt) {
   lua_pushvalue(L, guards);
   lua_pushvalue(L, hooks);
   lua_pushvalue(L, ctx);
+  lua_pushvalue(L, group_mt);
+  lua_pushvalue(L, guard_mt);
 }
 
 LUALIB_API int luaopen_singleflight_core(lua_State *L);
 
 LUALIB_API int luaopen_singleflight_core(lua_State *L) {
-  int guards, hooks, ctx;
+  int guards, hooks, ctx, group_mt, guard_mt;
   lsf_ctx *cx;
 
   lua_newtable(L); /* guards: coroutine -> guard, weak keys */
@@ -1113,32 +1166,35 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_createtable(L, 4, 0); /* hooks */
   hooks = lua_gettop(L);
   cx = (lsf_ctx *)lua_newuserdata(L, sizeof *cx);
-  cx->next_id = 0;
+  memset(cx, 0, sizeof *cx);
   ctx = lua_gettop(L);
-
+  luaL_newmetatable(L, GROUP_MT);
+  group_mt = lua_gettop(L);
   luaL_newmetatable(L, GUARD_MT);
-  push_upvalues(L, guards, hooks, ctx);
+  guard_mt = lua_gettop(L);
+
+  push_upvalues(L, guards, hooks, ctx, group_mt, guard_mt);
   luaL_setfuncs(L, guard_metamethods, NUPVALUES);
   lua_pushliteral(L, GUARD_MT);
-  lua_setfield(L, -2, "__name");
-  lua_pop(L, 1);
+  lua_setfield(L, guard_mt, "__name");
 
-  luaL_newmetatable(L, GROUP_MT);
-  push_upvalues(L, guards, hooks, ctx);
+  push_upvalues(L, guards, hooks, ctx, group_mt, guard_mt);
+  lua_pushvalue(L, group_mt);
+  lua_insert(L, -(NUPVALUES + 1));
   luaL_setfuncs(L, group_metamethods, NUPVALUES);
+  lua_pop(L, 1);
   lua_pushliteral(L, GROUP_MT);
-  lua_setfield(L, -2, "__name");
+  lua_setfield(L, group_mt, "__name");
   lua_createtable(L, 0, 8); /* methods */
-  push_upvalues(L, guards, hooks, ctx);
+  push_upvalues(L, guards, hooks, ctx, group_mt, guard_mt);
   luaL_setfuncs(L, methods, NUPVALUES);
   lua_pushvalue(L, -1);
-  lua_setfield(L, -3, "__index");
+  lua_setfield(L, group_mt, "__index");
 
   lua_createtable(L, 0, 24); /* the module */
   lua_insert(L, -2);
   lua_setfield(L, -2, "methods");
-  lua_remove(L, -2); /* the metatable */
-  push_upvalues(L, guards, hooks, ctx);
+  push_upvalues(L, guards, hooks, ctx, group_mt, guard_mt);
   luaL_setfuncs(L, functions, NUPVALUES);
   lua_pushboolean(L, LSF_HAVE_PCALLK);
   lua_setfield(L, -2, "has_c_call");
