@@ -4,7 +4,9 @@
 #   make test       install what the tests need (Debian, as root), then run
 #                   the specs on every Lua version, luacheck, the C tests,
 #                   the sanitizers and valgrind
-#   make demo       a stampede against the library: callers vs executions
+#   make demo       the OpenResty stampede: a throwaway nginx and wrk, with
+#                   and without singleflight (CLIENTS=, DURATION=,
+#                   UPSTREAM_MS=, UPSTREAM_SLOTS=, WORKERS=)
 #   make bench      the numbers of BENCHMARKS.md
 
 LUA_VERSIONS ?= 5.1 5.2 5.3 5.4 jit
@@ -30,6 +32,7 @@ TEST_PKGS ?= build-essential lua5.1 liblua5.1-0-dev lua5.2 liblua5.2-dev \
              nginx libnginx-mod-http-lua lua-resty-core lua-cqueues \
              lua-copas lua-socket curl
 BENCH_PKGS ?= golang-go golang-golang-x-sync-dev hyperfine wrk
+DEMO_PKGS ?= wrk
 
 # Each mk/*.mk adds its own targets, and the checks `make test` runs to
 # CHECK_EXTRA.
@@ -69,7 +72,8 @@ rockspec-check:
 	@sh tools/rockspec-check.sh
 
 demo: deps build
-	@lua5.4 -e 'package.path="lua/?.lua;lua/?/init.lua;"..package.path; package.cpath="$(BUILD)/5.4/?.so;"..package.cpath' tools/demo.lua
+	@sh tools/deps.sh $(DEMO_PKGS) || true
+	@BUILD=$(BUILD) sh tools/demo.sh
 
 bench: bench-deps build
 	@sh bench/run.sh

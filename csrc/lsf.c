@@ -18,6 +18,7 @@
 #include "sf_core.h"
 #include "lsf_compat.h"
 
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -105,9 +106,12 @@ static int type_error(lua_State *L, int level, int idx, int arg,
   return arg_error(L, level, arg, fname, msg);
 }
 
-/* The group at idx, open. level: where to blame a closed handle. */
-static sf_group *check_group(lua_State *L, int idx, int level) {
-  lsf_group *ug = to_group(L, idx);
+/* The group at idx, open. Errors name fname and blame `level`. */
+static sf_group *check_group(lua_State *L, int idx, int level,
+                             const char *fname) {
+  lsf_group *ug = (lsf_group *)test_udata(L, idx, UV_GROUP_MT);
+  if (!ug)
+    type_error(L, level, idx, idx, fname, GROUP_MT);
   if (!ug->g) {
     luaL_where(L, level);
     lua_pushliteral(L, "singleflight: attempt to use a closed group");
@@ -386,7 +390,7 @@ static int lsf_closed(lua_State *L) {
 }
 
 static int lsf_forget(lua_State *L) {
-  sf_group *g = check_group(L, 1, 1);
+  sf_group *g = check_group(L, 1, 1, "forget");
   size_t len;
   const char *key = check_key(L, 2, &len, 1, 1, "forget");
   lua_pushboolean(L, sf_forget(g, key, len));
@@ -407,7 +411,7 @@ static void push_count(lua_State *L, uint64_t n) {
 }
 
 static int lsf_stats(lua_State *L) {
-  sf_group *g = check_group(L, 1, 1);
+  sf_group *g = check_group(L, 1, 1, "stats");
   sf_stats st;
   int k;
   sf_stats_get(g, &st);
@@ -445,7 +449,7 @@ static int lsf_count(lua_State *L) {
  * waiter whose leader was abandoned. Errors blame the caller of `call`.
  */
 static int lsf_acquire(lua_State *L) {
-  sf_group *g = check_group(L, 1, 2);
+  sf_group *g = check_group(L, 1, 2, "call");
   size_t len;
   const char *key = check_key(L, 2, &len, 2, 1, "call");
   unsigned flags = (lua_toboolean(L, 4) ? SF_ACQ_COUNT_CALL : 0) |
@@ -589,7 +593,7 @@ static int lsf_lead(lua_State *L) {
  * layer's join hook.
  */
 static int lsf_call(lua_State *L) {
-  sf_group *g = check_group(L, 1, 1);
+  sf_group *g = check_group(L, 1, 1, "call");
   size_t len;
   const char *key = check_key(L, 2, &len, 1, 1, "call");
   lsf_guard *gd;
@@ -998,13 +1002,9 @@ static int xfer_decode(lua_State *L, const lsf_payload *p) {
   r.refs = 0;
   lua_pushliteral(L, "done");
   lua_pushboolean(L, p->kind == XF_RESULT);
-  ok = xdecode(L, &r) == 0;
-  if (ok && r.refs) { /* keep the refs table out of the results */
-    lua_remove(L, r.refs);
-    r.refs = 0;
-  }
-  ok = ok && xdecode(L, &r) == 0;
-  if (ok && r.refs)
+  /* one table of refs for both values: err may refer to a table of v */
+  ok = xdecode(L, &r) == 0 && xdecode(L, &r) == 0;
+  if (ok && r.refs) /* keep it out of the results */
     lua_remove(L, r.refs);
   if (!ok) {
     lua_settop(L, top);

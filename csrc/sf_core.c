@@ -5,6 +5,11 @@
  * foreign waiters of its calls, a chained hash table and a free list of call
  * records, so that the fast path (acquire + finish, nobody waiting) takes
  * two short critical sections and no malloc once the free list is warm.
+ * Shards sit on cache lines of their own, and the fast path writes nothing
+ * outside its shard: calls keep their group alive through their shard,
+ * which takes one reference on the group when it gets its first live
+ * record and keeps it until the group has no handle left (see "group
+ * lifetime" below), so threads on different shards share no written line.
  * Process-wide groups are found by name in a registry with its own lock.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -22,19 +27,21 @@
 #define SF_NAMED_SHARDS 16     /* shards of a process-wide group */
 #define SF_FREE_MAX 64         /* records kept on each shard's free list */
 #define SF_MIN_BUCKETS 8
+#define SF_CACHE_LINE 64
 
 enum { ST_RUNNING, ST_CLOSING, ST_DONE, ST_ABANDONED };
 
+/* 104 bytes on LP64 (a 112-byte malloc chunk), the key included when it
+ * fits in the record. */
 struct sf_call {
   sf_call *next;         /* bucket chain, or free list */
   sf_group *group;
-  uint64_t hash;
-  size_t len;
-  char *key;             /* inl or a heap copy */
   uintptr_t domain;      /* the leader's */
   uintptr_t owner;       /* the leader's */
   void *payload;
   sf_free_fn freefn;
+  uint32_t len;          /* keys of 4 GiB and more are refused */
+  uint32_t hash;         /* picks the shard (top bits) and the bucket */
   uint32_t refs;         /* leader + foreign joiners */
   uint32_t dups;         /* joiners, every domain */
   uint32_t left;         /* joiners that gave up */
@@ -42,24 +49,30 @@ struct sf_call {
   uint32_t foreign;      /* foreign joiners still waiting */
   uint8_t state;
   uint8_t linked;        /* in its shard's table */
-  char inl[SF_INLINE_KEY];
+  union {
+    char inl[SF_INLINE_KEY]; /* len <= SF_INLINE_KEY */
+    char *heap;              /* otherwise */
+  } k;
 };
 
 typedef struct sf_shard {
-  pthread_mutex_t mu;
+  _Alignas(SF_CACHE_LINE) pthread_mutex_t mu;
   pthread_cond_t cv;
   sf_call **buckets;
   size_t nbuckets;
-  size_t count;
+  size_t count;          /* calls in the table */
+  size_t live;           /* records in use (not on the free list) */
   sf_call *freelist;
   unsigned nfree;
+  int holds_ref;         /* this shard holds a reference on its group */
   uint64_t stats[SF_STAT_COUNT];
 } sf_shard;
 
 struct sf_group {
-  atomic_uint refs;
+  atomic_uint refs;      /* handles + shards that hold a reference */
+  atomic_uint handles;   /* references given by new, open and retain */
   unsigned flags;
-  unsigned nshards;      /* a power of two */
+  unsigned nshards;      /* a power of two, at most 256 */
   char *name;            /* NULL unless process-wide */
   size_t namelen;
   sf_group *reg_next;
@@ -87,12 +100,33 @@ static void shard_unlock(const sf_group *g, sf_shard *sh) {
     pthread_mutex_unlock(&sh->mu);
 }
 
+static char *call_key(sf_call *c) {
+  return c->len > SF_INLINE_KEY ? c->k.heap : c->k.inl;
+}
+
 static uint64_t rotl64(uint64_t x, int r) {
   return (x << r) | (x >> (64 - r));
 }
 
-/* A word-at-a-time multiplicative hash with a final avalanche. */
-static uint64_t hash_bytes(const char *p, size_t len) {
+/* The last len (< 8) bytes at p as one word: two overlapping loads, or
+ * three bytes, rather than a memcpy of variable length (a libc call). */
+static uint64_t read_tail(const char *p, size_t len) {
+  const unsigned char *u = (const unsigned char *)p;
+  uint32_t lo, hi;
+  if (len >= 4) {
+    memcpy(&hi, p, 4);
+    memcpy(&lo, p + len - 4, 4);
+    return (uint64_t)hi << 32 | lo;
+  }
+  if (len == 0)
+    return 0;
+  return (uint64_t)u[0] << 16 | (uint64_t)u[len >> 1] << 8 | u[len - 1];
+}
+
+/* A word-at-a-time multiplicative hash with a final avalanche, folded to
+ * 32 bits. The length is mixed in first, so the tail's overlapping loads
+ * cannot make two keys of different lengths collide by construction. */
+static uint32_t hash_bytes(const char *p, size_t len) {
   const uint64_t k1 = 0x9E3779B97F4A7C15ULL, k2 = 0xC2B2AE3D27D4EB4FULL;
   uint64_t h = 0x27D4EB2F165667C5ULL ^ (len * k1);
   uint64_t w;
@@ -102,17 +136,16 @@ static uint64_t hash_bytes(const char *p, size_t len) {
     p += 8;
     len -= 8;
   }
-  w = 0;
-  memcpy(&w, p, len);
+  w = read_tail(p, len);
   h = rotl64(h ^ (w * k2), 31) * k1;
   h ^= h >> 33;
   h *= k2;
   h ^= h >> 29;
-  return h;
+  return (uint32_t)(h ^ (h >> 32));
 }
 
-static sf_shard *shard_of(const sf_group *g, uint64_t hash) {
-  return &g->shards[(hash >> 48) & (g->nshards - 1)];
+static sf_shard *shard_of(const sf_group *g, uint32_t hash) {
+  return &g->shards[(hash >> 24) & (g->nshards - 1)];
 }
 
 static sf_shard *call_shard(const sf_call *c) {
@@ -149,8 +182,8 @@ fail_buckets:
 }
 
 static void record_free(sf_call *c) {
-  if (c->key != c->inl)
-    free(c->key);
+  if (c->len > SF_INLINE_KEY)
+    free(c->k.heap);
   free(c);
 }
 
@@ -171,7 +204,8 @@ static sf_group *group_alloc(unsigned flags, unsigned nshards) {
   unsigned i;
   if (!g)
     return NULL;
-  g->shards = calloc(nshards, sizeof *g->shards);
+  /* sizeof(sf_shard) is a multiple of its alignment, a cache line */
+  g->shards = aligned_alloc(SF_CACHE_LINE, nshards * sizeof *g->shards);
   if (!g->shards) {
     free(g);
     return NULL;
@@ -186,6 +220,7 @@ static sf_group *group_alloc(unsigned flags, unsigned nshards) {
     }
   }
   atomic_init(&g->refs, 1);
+  atomic_init(&g->handles, 1);
   g->flags = flags;
   g->nshards = nshards;
   return g;
@@ -200,6 +235,38 @@ static void group_destroy(sf_group *g) {
   free(g);
 }
 
+/*
+ * ---- group lifetime ----
+ *
+ * g->handles counts the references given out (new, open, retain); g->refs
+ * counts those plus one for each shard with holds_ref set. A shard sets
+ * holds_ref, under its lock, when a record goes live and it holds none; it
+ * clears it, under its lock, when it has no live record and the group no
+ * handle: either the last record dies after the last handle went (the
+ * record's disposer sees handles == 0), or the last handle goes after the
+ * last record died (the release sweeps the shards). Whoever brings refs
+ * to zero destroys the group. While a handle lives, a shard keeps its
+ * reference from one call to the next, so the fast path never touches the
+ * group's counters.
+ */
+
+static void group_unref(sf_group *g, unsigned n) {
+  if (atomic_fetch_sub_explicit(&g->refs, n, memory_order_acq_rel) != n)
+    return;
+  if (g->name) {
+    sf_group **p;
+    pthread_mutex_lock(&registry_mu);
+    for (p = &registry; *p; p = &(*p)->reg_next) {
+      if (*p == g) {
+        *p = g->reg_next;
+        break;
+      }
+    }
+    pthread_mutex_unlock(&registry_mu);
+  }
+  group_destroy(g);
+}
+
 /* ---- groups ---- */
 
 sf_group *sf_group_new(unsigned flags) {
@@ -211,11 +278,13 @@ sf_group *sf_group_open(const char *name, size_t len) {
   pthread_mutex_lock(&registry_mu);
   for (g = registry; g; g = g->reg_next) {
     if (g->namelen == len && memcmp(g->name, name, len) == 0) {
-      /* A group whose count reached zero is on its way out: skip it. */
+      /* A group whose count reached zero is on its way out: skip it. One
+       * with calls in flight and no handle lives on: take it back. */
       unsigned r = atomic_load(&g->refs);
       while (r != 0 && !atomic_compare_exchange_weak(&g->refs, &r, r + 1))
         ;
       if (r != 0) {
+        atomic_fetch_add(&g->handles, 1);
         pthread_mutex_unlock(&registry_mu);
         return g;
       }
@@ -240,36 +309,26 @@ sf_group *sf_group_open(const char *name, size_t len) {
 }
 
 void sf_group_retain(sf_group *g) {
-  if (locking(g))
-    atomic_fetch_add(&g->refs, 1);
-  else /* one thread at a time: a plain read-modify-write is enough */
-    atomic_store_explicit(&g->refs,
-                          atomic_load_explicit(&g->refs, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
+  atomic_fetch_add(&g->refs, 1);
+  atomic_fetch_add(&g->handles, 1);
 }
 
 void sf_group_release(sf_group *g) {
-  unsigned before;
-  if (locking(g)) {
-    before = atomic_fetch_sub(&g->refs, 1);
-  } else {
-    before = atomic_load_explicit(&g->refs, memory_order_relaxed);
-    atomic_store_explicit(&g->refs, before - 1, memory_order_relaxed);
-  }
-  if (before != 1)
-    return;
-  if (g->name) {
-    sf_group **p;
-    pthread_mutex_lock(&registry_mu);
-    for (p = &registry; *p; p = &(*p)->reg_next) {
-      if (*p == g) {
-        *p = g->reg_next;
-        break;
+  unsigned i, drop = 0;
+  if (atomic_fetch_sub(&g->handles, 1) == 1) {
+    /* the last handle: idle shards let go of the group now, busy ones
+     * when their last record dies */
+    for (i = 0; i < g->nshards; i++) {
+      sf_shard *sh = &g->shards[i];
+      shard_lock(g, sh);
+      if (sh->holds_ref && sh->live == 0) {
+        sh->holds_ref = 0;
+        drop++;
       }
+      shard_unlock(g, sh);
     }
-    pthread_mutex_unlock(&registry_mu);
   }
-  group_destroy(g);
+  group_unref(g, 1 + drop);
 }
 
 const char *sf_group_name(const sf_group *g, size_t *len) {
@@ -280,7 +339,7 @@ const char *sf_group_name(const sf_group *g, size_t *len) {
 
 /* ---- the table ---- */
 
-static sf_call **bucket_of(sf_shard *sh, uint64_t hash) {
+static sf_call **bucket_of(sf_shard *sh, uint32_t hash) {
   return &sh->buckets[hash & (sh->nbuckets - 1)];
 }
 
@@ -315,53 +374,67 @@ static void table_unlink(sf_shard *sh, sf_call *c) {
   }
 }
 
-static sf_call *table_find(sf_shard *sh, uint64_t hash, const char *key,
+static sf_call *table_find(sf_shard *sh, uint32_t hash, const char *key,
                            size_t len) {
   sf_call *c = *bucket_of(sh, hash);
   for (; c; c = c->next)
-    if (c->hash == hash && c->len == len && memcmp(c->key, key, len) == 0)
+    if (c->hash == hash && c->len == len &&
+        memcmp(call_key(c), key, len) == 0)
       return c;
   return NULL;
 }
 
 /* Drops one reference; the caller holds the shard lock. Returns 1 when it
- * was the last, with *dead set to a record to free outside the lock (NULL
- * when the record went back to the free list). */
-static int call_unref_locked(sf_shard *sh, sf_call *c, sf_call **dead) {
+ * was the last and something is left to do outside the lock: *dead is a
+ * record to free (NULL when it went back to the free list) and *unref
+ * whether the shard let go of its group. */
+static int call_unref_locked(const sf_group *g, sf_shard *sh, sf_call *c,
+                             sf_call **dead, int *unref) {
   *dead = NULL;
+  *unref = 0;
   if (--c->refs != 0)
     return 0;
+  if (--sh->live == 0 && sh->holds_ref &&
+      atomic_load_explicit(&g->handles, memory_order_relaxed) == 0) {
+    sh->holds_ref = 0;
+    *unref = 1;
+  }
   if (!(c->freefn && c->payload) && sh->nfree < SF_FREE_MAX &&
-      c->key == c->inl) {
+      c->len <= SF_INLINE_KEY) {
     c->next = sh->freelist;
     sh->freelist = c;
     sh->nfree++;
-  } else {
-    *dead = c; /* a payload's destructor runs outside the lock */
+    return *unref;
   }
+  *dead = c; /* a payload's destructor runs outside the lock */
   return 1;
 }
 
 /* Finishes dropping the last reference outside the lock: frees what must
- * be freed and gives back the call's reference on its group. */
-static void call_dispose(sf_group *g, sf_call *dead) {
+ * be freed and, when the shard let go of it, unrefs the group. */
+static void call_dispose(sf_group *g, sf_call *dead, int unref) {
   if (dead) {
     if (dead->freefn && dead->payload)
       dead->freefn(dead->payload);
     record_free(dead);
   }
-  sf_group_release(g);
+  if (unref)
+    group_unref(g, 1);
 }
 
 /* ---- calls ---- */
 
 int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
                uintptr_t owner, unsigned flags, sf_call **out) {
-  uint64_t hash = hash_bytes(key, len);
-  sf_shard *sh = shard_of(g, hash);
+  uint32_t hash;
+  sf_shard *sh;
   sf_call *c;
   int status;
 
+  if (len > UINT32_MAX)
+    return SF_ENOMEM;
+  hash = hash_bytes(key, len);
+  sh = shard_of(g, hash);
   shard_lock(g, sh);
   if (flags & SF_ACQ_COUNT_CALL)
     stat_add(sh, SF_STAT_CALLS);
@@ -401,20 +474,19 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
       shard_unlock(g, sh);
       return SF_ENOMEM;
     }
-    c->key = c->inl;
     if (len > SF_INLINE_KEY) {
-      c->key = malloc(len);
-      if (!c->key) {
+      c->k.heap = malloc(len);
+      if (!c->k.heap) {
         free(c);
         shard_unlock(g, sh);
         return SF_ENOMEM;
       }
     }
   }
-  memcpy(c->key, key, len);
+  c->len = (uint32_t)len;
+  memcpy(call_key(c), key, len);
   c->group = g;
   c->hash = hash;
-  c->len = len;
   c->domain = domain;
   c->owner = owner;
   c->payload = NULL;
@@ -428,8 +500,12 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   if (++sh->count > sh->nbuckets)
     table_grow(sh);
   stat_add(sh, SF_STAT_EXECUTIONS);
+  sh->live++;
+  if (!sh->holds_ref) { /* the caller's handle keeps refs above zero */
+    sh->holds_ref = 1;
+    atomic_fetch_add(&g->refs, 1);
+  }
   shard_unlock(g, sh);
-  sf_group_retain(g);
   *out = c;
   return SF_LEADER;
 }
@@ -458,7 +534,7 @@ unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
   sf_shard *sh = call_shard(c);
   sf_call *dead = NULL;
   unsigned foreign;
-  int last = 0;
+  int last = 0, unref = 0;
 
   shard_lock(g, sh);
   if (c->linked)
@@ -470,13 +546,13 @@ unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
   foreign = c->foreign;
   if (foreign == 0) {
     c->state = ST_DONE;
-    last = call_unref_locked(sh, c, &dead);
+    last = call_unref_locked(g, sh, c, &dead, &unref);
   } else {
     c->state = ST_CLOSING;
   }
   shard_unlock(g, sh);
   if (last)
-    call_dispose(g, dead);
+    call_dispose(g, dead, unref);
   return foreign;
 }
 
@@ -484,7 +560,7 @@ void sf_publish(sf_call *c, void *payload, sf_free_fn freefn) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
   sf_call *dead;
-  int last;
+  int last, unref;
 
   shard_lock(g, sh);
   c->payload = payload;
@@ -492,17 +568,17 @@ void sf_publish(sf_call *c, void *payload, sf_free_fn freefn) {
   c->state = ST_DONE;
   if (locking(g))
     pthread_cond_broadcast(&sh->cv);
-  last = call_unref_locked(sh, c, &dead);
+  last = call_unref_locked(g, sh, c, &dead, &unref);
   shard_unlock(g, sh);
   if (last)
-    call_dispose(g, dead);
+    call_dispose(g, dead, unref);
 }
 
 void sf_abandon(sf_call *c) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
   sf_call *dead;
-  int last;
+  int last, unref;
 
   shard_lock(g, sh);
   if (c->linked)
@@ -511,10 +587,10 @@ void sf_abandon(sf_call *c) {
   stat_add(sh, SF_STAT_ABANDONED);
   if (locking(g))
     pthread_cond_broadcast(&sh->cv);
-  last = call_unref_locked(sh, c, &dead);
+  last = call_unref_locked(g, sh, c, &dead, &unref);
   shard_unlock(g, sh);
   if (last)
-    call_dispose(g, dead);
+    call_dispose(g, dead, unref);
 }
 
 static void deadline_after(struct timespec *ts, double seconds) {
@@ -567,17 +643,17 @@ void sf_release(sf_call *c) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
   sf_call *dead;
-  int last;
+  int last, unref;
 
   shard_lock(g, sh);
-  last = call_unref_locked(sh, c, &dead);
+  last = call_unref_locked(g, sh, c, &dead, &unref);
   shard_unlock(g, sh);
   if (last)
-    call_dispose(g, dead);
+    call_dispose(g, dead, unref);
 }
 
 int sf_forget(sf_group *g, const char *key, size_t len) {
-  uint64_t hash = hash_bytes(key, len);
+  uint32_t hash = hash_bytes(key, len);
   sf_shard *sh = shard_of(g, hash);
   sf_call *c;
 
@@ -617,7 +693,7 @@ void sf_stats_get(sf_group *g, sf_stats *st) {
 const char *sf_call_key(const sf_call *c, size_t *len) {
   if (len)
     *len = c->len;
-  return c->key;
+  return c->len > SF_INLINE_KEY ? c->k.heap : c->k.inl;
 }
 
 sf_group *sf_call_group(const sf_call *c) {

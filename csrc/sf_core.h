@@ -31,7 +31,7 @@ enum {
 
 /* What sf_acquire made of the caller. */
 enum {
-  SF_ENOMEM = -1,  /* out of memory: nothing changed */
+  SF_ENOMEM = -1,  /* out of memory (or a key of 4 GiB or more): nothing changed */
   SF_LEADER = 0,   /* run the work, then sf_finish */
   SF_JOINED = 1,   /* joined a call led from the same domain */
   SF_FOREIGN = 2,  /* joined a call led from another domain: sf_wait */

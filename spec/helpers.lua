@@ -31,42 +31,122 @@ function helpers.run_all(fns, limit)
   return rounds, errs
 end
 
+--- Packs the values it is given, nils included: { n = count, ... }.
+function helpers.pack(...)
+  return { n = select("#", ...), ... }
+end
+
 --- A scheduler helper: a table of coroutines you add to while running.
+-- s.spawn(f, ...) adds a coroutine; s.go(f, ...) adds one and returns a
+-- task { co, done, ok, res = packed results, err }; s.round() resumes every
+-- suspended coroutine once; s.run(limit) and s.run_until(pred, limit) run
+-- rounds, bounded. Errors are collected in s.errs (and in the task).
 function helpers.scheduler()
-  local s = { cos = {}, errs = {} }
+  local s = { cos = {}, errs = {}, tasks = {} }
   function s.spawn(f, ...)
     local args = { n = select("#", ...), ... }
     local co = coroutine.create(function() return f(unpack(args, 1, args.n)) end)
     s.cos[#s.cos + 1] = co
     return co
   end
+  function s.go(f, ...)
+    local args = { n = select("#", ...), ... }
+    local task = { done = false }
+    task.co = s.spawn(function()
+      task.res = helpers.pack(f(unpack(args, 1, args.n)))
+    end)
+    s.tasks[task.co] = task
+    return task
+  end
+  -- Resumes co once; returns true if it is still alive.
+  function s.resume(co, ...)
+    local ok, e = coroutine.resume(co, ...)
+    local task = s.tasks[co]
+    if not ok then
+      s.errs[#s.errs + 1] = e
+      if task then
+        task.err = e
+      end
+    end
+    if coroutine.status(co) == "dead" then
+      if task then
+        task.done, task.ok = true, ok
+      end
+      return false
+    end
+    return true
+  end
+  function s.round()
+    local alive = 0
+    for i = 1, #s.cos do
+      local co = s.cos[i]
+      if co and coroutine.status(co) == "suspended" and s.resume(co) then
+        alive = alive + 1
+      end
+    end
+    return alive
+  end
   function s.run(limit)
     limit = limit or 100000
     local rounds = 0
     repeat
-      local alive = false
       rounds = rounds + 1
-      for i = 1, #s.cos do
-        local co = s.cos[i]
-        if co and coroutine.status(co) == "suspended" then
-          local ok, e = coroutine.resume(co)
-          if not ok then
-            s.errs[#s.errs + 1] = e
-          end
-          if coroutine.status(co) ~= "dead" then
-            alive = true
-          end
-        end
-      end
-    until not alive or rounds >= limit
+      local alive = s.round()
+    until alive == 0 or rounds >= limit
     assert(rounds < limit, "coroutines still alive after " .. limit .. " rounds")
+    return rounds
+  end
+  function s.run_until(pred, limit)
+    limit = limit or 100000
+    local rounds = 0
+    while not pred() do
+      rounds = rounds + 1
+      assert(rounds <= limit, "condition not met after " .. limit .. " rounds")
+      s.round()
+    end
     return rounds
   end
   return s
 end
 
+--- A gate that coroutines wait at (yielding) until it is opened.
+function helpers.gate()
+  local gate = { opened = false, waiting = 0 }
+  function gate.open()
+    gate.opened = true
+  end
+  function gate.wait(limit)
+    limit = limit or 100000
+    local n = 0
+    gate.waiting = gate.waiting + 1
+    while not gate.opened do
+      n = n + 1
+      assert(n <= limit, "gate never opened")
+      coroutine.yield()
+    end
+    gate.waiting = gate.waiting - 1
+  end
+  return gate
+end
+
+--- Full garbage collections, enough for finalizers of finalized objects'
+-- referents to run on every version.
+function helpers.full_gc()
+  for _ = 1, 4 do
+    collectgarbage("collect")
+  end
+end
+
+--- Runs a Lua source chunk (for syntax newer than 5.1), with the given
+-- values as `...`.
+function helpers.run_source(src, ...)
+  local load = rawget(_G, "loadstring") or load
+  return assert(load(src, "=" .. "source"))(...)
+end
+
 helpers.unpack = unpack
 helpers.lua51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 helpers.lua54 = _VERSION == "Lua 5.4"
+helpers.integers = math.type ~= nil
 
 return helpers

@@ -75,15 +75,53 @@ end
 ---------------------------------------------------------------------------
 -- Running fn: run(fn, ...) -> true, v, err | false, panic
 
-local run, nonyield51
+-- running() is the coroutine the caller's scheduler resumes: on Lua 5.1,
+-- the one past the helper coroutines fn runs in. A backend that wakes
+-- coroutines by identity (copas) needs that one.
+local run, yieldable51
+local running = co_running
 if not LUA51 then
   run = function(fn, ...)
     return xpcall(fn, msgh, ...)
   end
 else
   -- Lua 5.1 can't yield across pcall: fn runs in a coroutine of its own
-  -- whose yields are passed up to the caller's scheduler.
-  nonyield51 = setmetatable({}, { __mode = "k" })
+  -- whose yields are passed up to the caller's scheduler. helper -> the
+  -- coroutine that runs it (false: the main one).
+  local parent51 = setmetatable({}, { __mode = "kv" })
+  local getinfo = debug.getinfo
+
+  -- True when co's stack holds a C function that called back into Lua
+  -- (pcall, table.sort, ...): 5.1 can't yield across it. Level 0 is
+  -- getinfo itself for the running coroutine, and resume for a parent.
+  local function c_boundary(co)
+    local level = 1
+    while true do
+      local info = getinfo(co, level, "S")
+      if info == nil then
+        return false
+      elseif info.what == "C" then
+        return true
+      end
+      level = level + 1
+    end
+  end
+
+  -- Can co (nil: the main coroutine) yield? Its helpers' parents must too.
+  yieldable51 = function(co)
+    while co do
+      if c_boundary(co) then
+        return false
+      end
+      local parent = parent51[co]
+      if parent == nil then
+        return true
+      end
+      co = parent
+    end
+    return false
+  end
+
   local function step(co, ok, ...)
     if co_status(co) == "dead" then
       if ok then
@@ -92,23 +130,34 @@ else
       return false, new_panic((...), strip_nl(traceback(co, "")))
     end
     local outer = co_running()
-    if outer == nil or nonyield51[outer] then
+    if outer == nil then
       return false, new_panic("attempt to yield from outside a coroutine")
+    elseif not yieldable51(outer) then
+      return false, new_panic("attempt to yield across metamethod/C-call boundary")
     end
     return step(co, co_resume(co, co_yield(...)))
   end
+  -- The helper's body: coroutine.create takes only Lua functions, and fn
+  -- may be a C function or a callable value.
+  local function body(fn, ...)
+    return fn(...)
+  end
   run = function(fn, ...)
-    local f = fn
-    if type(f) ~= "function" then
-      f = function(...) return fn(...) end
-    end
-    local co = co_create(f)
-    local outer = co_running()
+    local co = co_create(body)
     alias(co, guard_of())
-    if outer == nil or nonyield51[outer] then
-      nonyield51[co] = true
+    parent51[co] = co_running() or false
+    return step(co, co_resume(co, fn, ...))
+  end
+  running = function()
+    local co = co_running()
+    while co do
+      local parent = parent51[co]
+      if parent == nil then
+        return co
+      end
+      co = parent or nil
     end
-    return step(co, co_resume(co, ...))
+    return nil
   end
 end
 
@@ -128,9 +177,13 @@ local function in_yieldable_coroutine()
     if co_isyieldable() then
       return true
     end
+  elseif yieldable51 then
+    if yieldable51(co_running()) then
+      return true
+    end
   else
     local co, main = co_running()
-    if co ~= nil and not main and not (nonyield51 and nonyield51[co]) then
+    if co ~= nil and not main then
       return true
     end
   end
@@ -171,6 +224,21 @@ local function get_backend(name)
     backends[name] = be
   end
   return be
+end
+
+-- OpenResty hands the coroutines of finished requests to later ones: the
+-- ngx backend ties each coroutine's guard to its request, before every
+-- acquire (see request_guards there).
+if type(rawget(_G, "ngx")) == "table" and type(rawget(_G, "ngx").get_phase) == "function" then
+  local ok, be = pcall(get_backend, "ngx")
+  local claim = ok and be.request_guards(core)
+  if claim then
+    local acquire_raw = acquire
+    acquire = function(...)
+      claim()
+      return acquire_raw(...)
+    end
+  end
 end
 
 -- "auto": the scheduler the caller is running under, if any.
@@ -214,17 +282,18 @@ local backend_names = {
   none = true,
 }
 
-local function option_error(fname, name, msg)
-  error(sfmt("bad option '%s' to '%s' (%s)", name, fname, msg), 4)
+-- level: 1 when raised from check_options, 2 from a function it calls.
+local function option_error(fname, name, msg, level)
+  error(sfmt("bad option '%s' to '%s' (%s)", name, fname, msg), 3 + (level or 1))
 end
 
 local function check_backend_table(fname, be)
   if type(be.wait) ~= "function" or type(be.wake) ~= "function" then
-    option_error(fname, "backend", "a backend table needs functions 'wait' and 'wake'")
+    option_error(fname, "backend", "a backend table needs functions 'wait' and 'wake'", 2)
   end
   for _, f in pairs { "new", "can_wait", "spawn" } do
     if be[f] ~= nil and type(be[f]) ~= "function" then
-      option_error(fname, "backend", sfmt("backend field '%s' must be a function", f))
+      option_error(fname, "backend", sfmt("backend field '%s' must be a function", f), 2)
     end
   end
 end
@@ -288,6 +357,29 @@ local function wake_all(rec)
   end
 end
 
+-- The backend's wait, protected where a protected call can yield (not on
+-- Lua 5.1), so that a wait that fails leaves the call as it found it.
+local pwait = LUA51 and function(f, ...) return true, f(...) end or pcall
+
+-- A waiter's backend raised (a yield across a C boundary on 5.2, where
+-- nothing tells beforehand, or the backend's own error): undo the join and
+-- raise.
+local function wait_failed(rec, be, c, skey, e)
+  rec.counts[be] = rec.counts[be] - 1
+  rec.n = rec.n - 1
+  if not rec.done and not rec.abandoned then
+    unjoin(c)
+    if rec.n == 0 and locals[c] == rec then
+      locals[c] = nil
+    end
+  end
+  if type(e) == "string" and e:find("attempt to yield", 1, true) then
+    e = sfmt("singleflight: cannot wait for key %s: %s", quote(skey),
+             "the running coroutine cannot yield here")
+  end
+  error(e, 0)
+end
+
 local function wait_local(opts, c, skey)
   local be = resolve_backend(opts.backend)
   local can, why = true, nil
@@ -301,7 +393,7 @@ local function wait_local(opts, c, skey)
   end
   local rec = locals[c]
   if not rec then
-    rec = { objs = {}, counts = {} }
+    rec = { objs = {}, counts = {}, n = 0 }
     locals[c] = rec
   end
   local obj = rec.objs[be]
@@ -311,6 +403,7 @@ local function wait_local(opts, c, skey)
     rec.counts[be] = 0
   end
   rec.counts[be] = rec.counts[be] + 1
+  rec.n = rec.n + 1
   local timeout = opts.timeout
   local deadline = timeout and now() + timeout
   while not rec.done and not rec.abandoned do
@@ -321,9 +414,13 @@ local function wait_local(opts, c, skey)
         break
       end
     end
-    be.wait(obj, remaining)
+    local ok, e = pwait(be.wait, obj, remaining)
+    if not ok then
+      wait_failed(rec, be, c, skey, e)
+    end
   end
   rec.counts[be] = rec.counts[be] - 1
+  rec.n = rec.n - 1
   if rec.done then
     if rec.ok then
       return "done", true, rec.v, rec.err
@@ -542,16 +639,45 @@ local function start(self, key, fn, ...)
       return self:call(skey, fn, (table.unpack or unpack)(args, 1, n))
     end
   else
-    if st == JOINED and not locals[c] then
-      locals[c] = { objs = {}, counts = {} } -- so the leader keeps our result
+    local rec = locals[c]
+    if st == JOINED and not rec then
+      rec = { objs = {}, counts = {}, n = 0 } -- the leader keeps our result
+      locals[c] = rec
     end
     body = function()
+      if st == JOINED and locals[c] ~= rec then
+        -- the call ended before this thread ran: rec holds how
+        if rec.done then
+          if rec.ok then
+            return rec.v, rec.err, true
+          end
+          error(rec.panic, 0)
+        end
+        local st2, c2, guard = acquire(self, skey, fn, false)
+        if st2 == LEADER then
+          return lead(self, skey, guard, c2, fn, (table.unpack or unpack)(args, 1, n))
+        end
+        return join(self, st2, c2, skey, fn, (table.unpack or unpack)(args, 1, n))
+      end
       return join(self, st, c, skey, fn, (table.unpack or unpack)(args, 1, n))
     end
   end
-  be.spawn(function()
+  local spawned, e = pcall(be.spawn, function()
     fulfil(f, run(body))
   end)
+  if not spawned then
+    -- give the probe's join back, then report
+    if st == JOINED then
+      unjoin(c)
+      local rec = locals[c]
+      if rec and rec.n == 0 then
+        locals[c] = nil
+      end
+    elseif st ~= nil then
+      core_wait(c, 0)
+    end
+    error(e, 0)
+  end
   return f
 end
 
@@ -604,5 +730,6 @@ end
 -- For the specs and the benchmarks.
 M._core = core
 M._backends = backends
+M._running = running
 
 return M

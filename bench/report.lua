@@ -1,0 +1,334 @@
+--- Turns the raw lines of bench/run.sh into the table of SPEC section 6.
+--
+--   lua bench/report.lua RESULTS [--smoke]
+--
+-- RESULTS holds lines "<run> <source> <name> <value>" (a source is core,
+-- go or lua-<version>) and "meta <key> <text>". Every ratio is computed
+-- within one run, from numbers measured side by side; the table shows the
+-- median over the runs. With --smoke, PASS/MISS are shown but only the
+-- presence of every row is checked: the exit status says whether each
+-- benchmark program ran and reported.
+
+local fmt = string.format
+
+local path, flag = arg[1], arg[2]
+assert(path, "usage: report.lua RESULTS [--smoke]")
+local smoke = flag == "--smoke"
+
+local meta, data, nruns = {}, {}, 0
+for line in io.lines(path) do
+  local k, text = line:match("^meta (%S+) ?(.*)$")
+  if k then
+    meta[k] = text
+  else
+    local run, src, name, value = line:match("^(%d+) (%S+) (%S+) (%S+)$")
+    if run then
+      run = tonumber(run)
+      nruns = math.max(nruns, run)
+      local key = src .. "." .. name
+      data[key] = data[key] or {}
+      data[key][run] = tonumber(value)
+    end
+  end
+end
+
+local function median(t)
+  local v = {}
+  for _, x in pairs(t) do
+    v[#v + 1] = x
+  end
+  if #v == 0 then
+    return nil
+  end
+  table.sort(v)
+  local n = #v
+  if n % 2 == 1 then
+    return v[(n + 1) / 2]
+  end
+  return (v[n / 2] + v[n / 2 + 1]) / 2
+end
+
+-- The median over the runs of f(run), skipping runs where f gives nil.
+local function per_run(f)
+  local v = {}
+  for r = 1, nruns do
+    local x = f(r)
+    if x then
+      v[#v + 1] = x
+    end
+  end
+  return median(v)
+end
+
+local function get(key, run)
+  local t = data[key]
+  if not t then
+    return nil
+  end
+  if run then
+    return t[run]
+  end
+  return median(t)
+end
+
+-- a / b within each run
+local function ratio(a, b)
+  return per_run(function(r)
+    local x, y = get(a, r), get(b, r)
+    if x and y and y ~= 0 then
+      return x / y
+    end
+  end)
+end
+
+local function num(x, digits)
+  if x == nil then
+    return "n/a"
+  end
+  local a = math.abs(x)
+  if a >= 1e9 then
+    return fmt("%.2fG", x / 1e9)
+  elseif a >= 1e6 then
+    return fmt("%.2fM", x / 1e6)
+  elseif a >= 1e4 then
+    return fmt("%.0f", x)
+  end
+  return fmt("%." .. (digits or 1) .. "f", x)
+end
+
+local function times(x)
+  return x and fmt("%.2fx", x) or "n/a"
+end
+
+local rows, missing = {}, {}
+
+-- A target row. verdict(value) -> "PASS" or "MISS (...)"; value nil means
+-- the row's benchmark did not report.
+local function row(what, measured, target, value, verdict, optional)
+  local result
+  if value == nil then
+    result = optional and "skipped" or "NO DATA"
+    if not optional then
+      missing[#missing + 1] = what
+    end
+  else
+    result = verdict(value)
+  end
+  rows[#rows + 1] = { what, measured, target, result }
+end
+
+local function at_least(t)
+  return function(v)
+    if v >= t then
+      return "PASS"
+    end
+    return fmt("MISS (%.2fx short)", t / v)
+  end
+end
+
+local function at_most(t)
+  return function(v)
+    if v <= t then
+      return "PASS"
+    end
+    return fmt("MISS (%.2fx over)", v / t)
+  end
+end
+
+local function equals(t)
+  return function(v)
+    if v == t then
+      return "PASS"
+    end
+    return fmt("MISS (got %s)", num(v, 0))
+  end
+end
+
+local have_go = meta.go ~= nil and meta.go ~= "none"
+
+-- 1, 2: Lua 5.4 uncontended
+do
+  local sp = ratio("lua-5.4.plain_ns", "lua-5.4.call_ns")
+  row("Lua 5.4 uncontended g:call: speed-up over plain Lua",
+      fmt("%s (%s vs %s ns)", times(sp), num(get("lua-5.4.call_ns")),
+          num(get("lua-5.4.plain_ns"))),
+      ">= 3x", sp, at_least(3))
+  local tp = ratio("lua-5.4.call_ns", "lua-5.4.pcall_ns")
+  row("Lua 5.4 uncontended g:call: time vs pcall(fn)",
+      fmt("%s (%s vs %s ns)", times(tp), num(get("lua-5.4.call_ns")),
+          num(get("lua-5.4.pcall_ns"))),
+      "<= 2x", tp, at_most(2))
+end
+
+-- 3: LuaJIT
+do
+  local sp = ratio("lua-jit.plain_ns", "lua-jit.call_ns")
+  row("LuaJIT uncontended g:call: speed-up over plain Lua",
+      fmt("%s (%s vs %s ns)", times(sp), num(get("lua-jit.call_ns")),
+          num(get("lua-jit.plain_ns"))),
+      ">= 1.5x", sp, at_least(1.5))
+end
+
+-- 4, 5: the C core against Go
+do
+  local t = ratio("core.acquire_ns", "go.do_ns")
+  row("C core acquire+finish: time vs Go Group.Do",
+      fmt("%s (%s vs %s ns)", times(t), num(get("core.acquire_ns")),
+          num(get("go.do_ns"))),
+      "<= 0.5x", t, at_most(0.5), not have_go)
+  local p = ratio("core.par_ops", "go.par_ops")
+  row("C core, 2 threads on 1024 keys: throughput vs Go",
+      fmt("%s (%s vs %s calls/s)", times(p), num(get("core.par_ops")),
+          num(get("go.par_ops"))),
+      ">= 1.5x", p, at_least(1.5), not have_go)
+end
+
+-- 6: stampede
+do
+  local versions = { "5.4", "jit", "5.1", "5.2", "5.3" }
+  local parts, worst, any = {}, nil, false
+  for _, v in ipairs(versions) do
+    local e = get("lua-" .. v .. ".stampede_execs")
+    if e then
+      any = true
+      parts[#parts + 1] = fmt("%s: %s", v, num(e, 0))
+      if e ~= 1 and (worst == nil or e > worst) then
+        worst = e
+      end
+    end
+  end
+  local n = get("lua-5.4.stampede_callers") or 1000
+  row(fmt("%s coroutines on one key: executions", num(n, 0)),
+      table.concat(parts, ", "), "1", any and (worst or 1) or nil, equals(1))
+end
+
+-- 7: waves
+do
+  local w, e = get("core.waves"), get("core.waves_execs")
+  row(fmt("C core, 2 threads x %s waves: executions", num(w, 0)),
+      fmt("%s executions for %s waves", num(e, 0), num(w, 0)),
+      "= waves", e and w and e - w + 0 or nil,
+      function(d)
+        return d == 0 and "PASS" or fmt("MISS (%s off)", num(d, 0))
+      end)
+end
+
+-- 8: memory over many calls
+do
+  local tolerance = 64 -- KB, against 10^7 bytes for one byte per call
+  for _, v in ipairs { "5.4", "jit" } do
+    local src = "lua-" .. v
+    local n = get(src .. ".growth_calls")
+    local lua, rss = get(src .. ".growth_lua_kb"), get(src .. ".growth_rss_kb")
+    local worst = lua and rss and math.max(lua, rss) or nil
+    row(fmt("%s, %s calls: memory growth", v == "jit" and "LuaJIT" or "Lua " .. v,
+            num(n, 0)),
+        fmt("Lua heap %s KB, RSS %s KB", num(lua), num(rss, 0)),
+        fmt("none (< %d KB)", tolerance), worst, at_most(tolerance))
+  end
+end
+
+-- 9: bytes per in-flight call
+do
+  local keylen = get("lua-5.4.inflight_keylen") or 8
+  local core = get("core.inflight_bytes")
+  row("C core: heap bytes per in-flight call, less the key",
+      fmt("%s (record %s, malloc and table included; %d-byte key)",
+          num(core and core - keylen), num(get("core.footprint"), 0), keylen),
+      "<= 128", core and core - keylen, at_most(128))
+  for _, v in ipairs { "5.4", "jit" } do
+    local src = "lua-" .. v
+    local l = get(src .. ".inflight_lua_bytes")
+    local total = core and l and core + l - keylen
+    row(fmt("%s: core + Lua heap per in-flight call, less the key",
+            v == "jit" and "LuaJIT" or "Lua " .. v),
+        fmt("%s (Lua %s; plain Lua %s)", num(total), num(l),
+            num(get(src .. ".inflight_plain_bytes"))),
+        "<= 128", total, at_most(128))
+  end
+end
+
+---------------------------------------------------------------------------
+-- Output
+
+local function print_table(header, body)
+  local w = {}
+  for i, h in ipairs(header) do
+    w[i] = #h
+  end
+  for _, r in ipairs(body) do
+    for i, c in ipairs(r) do
+      w[i] = math.max(w[i], #c)
+    end
+  end
+  local function line(r)
+    local cells = {}
+    for i, c in ipairs(r) do
+      cells[i] = c .. string.rep(" ", w[i] - #c)
+    end
+    print("| " .. table.concat(cells, " | ") .. " |")
+  end
+  line(header)
+  local sep = {}
+  for i = 1, #w do
+    sep[i] = string.rep("-", w[i])
+  end
+  line(sep)
+  for _, r in ipairs(body) do
+    line(r)
+  end
+end
+
+print(fmt("singleflight benchmarks, %s: %d run(s), medians; ratios within each run",
+          meta.date or "?", nruns))
+print(fmt("machine: %s, %s cores, %s", meta.cpu or "?", meta.cores or "?",
+          meta.os or "?"))
+local versions = {}
+for _, k in ipairs { "lua-5.1", "lua-5.2", "lua-5.3", "lua-5.4", "lua-jit" } do
+  if meta[k] then
+    versions[#versions + 1] = meta[k]
+  end
+end
+print("versions: " .. table.concat(versions, "; "))
+print(fmt("compilers: %s; %s; golang.org/x/sync %s", meta.cc or "?",
+          meta.go or "no go", meta.xsync or "?"))
+if meta.scale and tonumber(meta.scale) ~= 1 then
+  print(fmt("counts scaled by %s (smoke run: the numbers mean nothing)", meta.scale))
+end
+print()
+print_table({ "SPEC 6 target", "measured", "target", "result" }, rows)
+
+-- Everything else, for information.
+local info = {}
+local function add(what, ...)
+  info[#info + 1] = { what, fmt(...) }
+end
+for _, v in ipairs { "5.4", "jit", "5.1", "5.2", "5.3" } do
+  local s = "lua-" .. v
+  if get(s .. ".call_ns") then
+    local name = v == "jit" and "LuaJIT" or "Lua " .. v
+    add(name .. " uncontended, ns per call",
+        "g:call %s (in a coroutine %s), plain %s, pcall %s",
+        num(get(s .. ".call_ns")), num(get(s .. ".call_co_ns")),
+        num(get(s .. ".plain_ns")), num(get(s .. ".pcall_ns")))
+    add(name .. " one key, 100 coroutines, ns per call",
+        "g:call %s (%s executions), plain %s (%s executions), for %s calls",
+        num(get(s .. ".contended_call_ns")), num(get(s .. ".contended_call_execs"), 0),
+        num(get(s .. ".contended_plain_ns")), num(get(s .. ".contended_plain_execs"), 0),
+        num(get(s .. ".contended_calls"), 0))
+    add(name .. " stampede of 1000, ms", "g:call %s, plain %s",
+        num(get(s .. ".stampede_ms"), 2), num(get(s .. ".stampede_plain_ms"), 2))
+    add(name .. " bytes per in-flight call, Lua heap", "g:call %s, plain %s",
+        num(get(s .. ".inflight_lua_bytes")), num(get(s .. ".inflight_plain_bytes")))
+  end
+end
+add("C core vs Go, one key, 2 threads, calls/s", "core %s (%s%% executed), Go %s (%s%%)",
+    num(get("core.same_ops")), num(get("core.same_execs")),
+    num(get("go.same_ops")), num(get("go.same_execs")))
+print()
+print_table({ "also measured", "medians" }, info)
+
+if smoke and #missing > 0 then
+  io.stderr:write("bench: no data for: " .. table.concat(missing, "; ") .. "\n")
+  os.exit(1)
+end

@@ -1,0 +1,128 @@
+#!/bin/sh
+# run.sh: the benchmarks of SPEC section 6, and one table of the results.
+#
+#   sh bench/run.sh            every benchmark, BENCH_RUNS (3) runs, medians
+#   BENCH_SMOKE=1 sh bench/run.sh
+#                              tiny counts, one run: checks that every
+#                              program runs and the table has every row
+#
+# Environment: BENCH_RUNS, BENCH_SCALE (multiplies the counts),
+# LUA_VERSIONS, BUILD, CC, OPT, WARN (as in the Makefile). Lua modules must
+# be built already (make build). Raw results go to $BUILD/bench/results.txt,
+# the table to $BUILD/bench/table.md.
+set -e
+cd "$(dirname "$0")/.."
+
+BUILD=${BUILD:-build}
+CC=${CC:-cc}
+OPT=${OPT:-"-O2 -g"}
+WARN=${WARN:-"-std=c11 -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes -Wpointer-arith -Wcast-qual"}
+LUA_VERSIONS=${LUA_VERSIONS:-"5.4 jit 5.1 5.2 5.3"}
+if [ "${BENCH_SMOKE:-0}" = 1 ]; then
+  RUNS=${BENCH_RUNS:-1}
+  SCALE=${BENCH_SCALE:-0.001}
+  report_flag=--smoke
+else
+  RUNS=${BENCH_RUNS:-3}
+  SCALE=${BENCH_SCALE:-1}
+  report_flag=
+fi
+
+out=$BUILD/bench
+mkdir -p "$out"
+results=$out/results.txt
+: >"$results"
+
+note() { echo "bench: $*" >&2; }
+meta() { echo "meta $1 $2" >>"$results"; }
+
+lua_bin() { case $1 in jit) echo luajit ;; *) echo "lua$1" ;; esac; }
+
+# ---- the programs ----
+
+# shellcheck disable=SC2086 # OPT and WARN are lists of flags
+$CC $WARN $OPT -Icsrc bench/core_bench.c csrc/sf_core.c \
+  -o "$out/core_bench" -lpthread
+
+xsync=/usr/share/gocode/src/golang.org/x/sync/singleflight
+gobench=
+if command -v go >/dev/null 2>&1 && [ -d "$xsync" ]; then
+  # GOPATH mode with Debian's copy of x/sync: no module, no network.
+  (cd bench/go &&
+    GOPATH=/usr/share/gocode GO111MODULE=off GOFLAGS= GOPROXY=off \
+      GOCACHE="$(cd ../.. && pwd)/$out/gocache" \
+      go build -o "../../$out/gobench" .) && gobench=$out/gobench
+  [ -n "$gobench" ] || note "the Go benchmark did not build: skipped"
+else
+  note "go or golang-golang-x-sync-dev missing: the Go comparison is skipped"
+fi
+
+luas=
+for v in $LUA_VERSIONS; do
+  if command -v "$(lua_bin "$v")" >/dev/null 2>&1 &&
+    [ -f "$BUILD/$v/singleflight/core.so" ]; then
+    luas="$luas $v"
+  else
+    note "Lua $v or $BUILD/$v/singleflight/core.so missing: skipped"
+  fi
+done
+
+run_lua() { # version mode
+  $(lua_bin "$1") -e "package.path = 'lua/?.lua;lua/?/init.lua;bench/?.lua;' .. package.path
+    package.cpath = '$BUILD/$1/?.so;' .. package.cpath" bench/lua_bench.lua "$2" "$SCALE"
+}
+
+# ---- the machine ----
+
+meta date "$(date -u +%Y-%m-%d)"
+meta cpu "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+meta cores "$(nproc)"
+meta os "$(uname -sr)"
+meta cc "$($CC --version | head -1)"
+meta runs "$RUNS"
+meta scale "$SCALE"
+for v in $luas; do
+  meta "lua-$v" "$($(lua_bin "$v") -v 2>&1 | head -1 | sed 's/ *\(-- \)*Copyright.*//')"
+done
+if [ -n "$gobench" ]; then
+  meta go "$(go version | sed 's/^go version //')"
+  meta xsync "$(dpkg-query -W -f='${Version}' golang-golang-x-sync-dev 2>/dev/null || echo '?')"
+else
+  meta go none
+fi
+
+# ---- the runs: every program once per run, side by side ----
+
+run=1
+while [ "$run" -le "$RUNS" ]; do
+  note "run $run of $RUNS: C core"
+  "$out/core_bench" "$SCALE" | sed "s/^core /$run core /" >>"$results"
+  if [ -n "$gobench" ]; then
+    note "run $run of $RUNS: Go"
+    "$gobench" "$SCALE" | sed "s/^go /$run go /" >>"$results"
+  fi
+  for v in $luas; do
+    note "run $run of $RUNS: Lua $v"
+    run_lua "$v" speed | sed "s/^/$run lua-$v /" >>"$results"
+  done
+  run=$((run + 1))
+done
+
+for v in $luas; do
+  note "memory: Lua $v"
+  run_lua "$v" memory | sed "s/^/1 lua-$v /" >>"$results"
+done
+
+# ---- the table ----
+
+report_lua=
+for l in lua5.4 lua5.3 lua5.2 luajit lua5.1 lua; do
+  if command -v "$l" >/dev/null 2>&1; then
+    report_lua=$l
+    break
+  fi
+done
+status=0
+$report_lua bench/report.lua "$results" $report_flag >"$out/table.md" || status=$?
+cat "$out/table.md"
+exit $status

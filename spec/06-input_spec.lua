@@ -1,0 +1,301 @@
+-- Keys, fn and options: what is accepted, and clear errors that change
+-- nothing for the rest (SPEC 2, 3.1 and 7).
+local helpers = require "helpers"
+local singleflight = require "singleflight"
+
+local function new_group()
+  return singleflight.new { backend = "coroutine" }
+end
+
+local ZERO = { inflight = 0, calls = 0, executions = 0, shared = 0, panics = 0,
+               timeouts = 0, abandoned = 0, forgotten = 0 }
+
+-- The error message of f(...), which must raise a string.
+local function message(f, ...)
+  local ok, e = pcall(f, ...)
+  assert.is_false(ok, "no error raised")
+  assert.equal("string", type(e))
+  return e
+end
+
+-- Does a call for key2 join a call for key1 in flight?
+local function same_key(key1, key2)
+  local g = new_group()
+  local s = helpers.scheduler()
+  local gate = helpers.gate()
+  local leader = s.go(function()
+    return g:call(key1, function() gate.wait() return "leader" end)
+  end)
+  s.resume(leader.co)
+  local other = s.go(function()
+    return g:call(key2, function() return "other" end)
+  end)
+  s.resume(other.co)
+  gate.open()
+  s.run()
+  assert.same({}, s.errs)
+  return other.res[1] == "leader", leader, other
+end
+
+describe("input", function()
+  describe("key", function()
+    it("must be a string or a number", function()
+      local g = new_group()
+      local bad = { { nil, "nil" }, { true, "boolean" }, { {}, "table" },
+                    { print, "function" }, { io.stdout, "userdata" },
+                    { coroutine.create(function() end), "thread" } }
+      for _, case in ipairs(bad) do
+        local e = message(g.call, g, case[1], function() end)
+        assert.matches("bad argument #1 to 'call' (string or number expected, got "
+                       .. case[2] .. ")", e, 1, true)
+        e = message(g.forget, g, case[1])
+        assert.matches("bad argument #1 to 'forget' (string or number expected, got "
+                       .. case[2] .. ")", e, 1, true)
+      end
+      assert.matches("bad argument #1 to 'call'", message(g.call, g), 1, true)
+      assert.matches("bad argument #1 to 'forget'", message(g.forget, g), 1, true)
+      assert.same(ZERO, g:stats())
+    end)
+
+    it("blames the caller of call", function()
+      local g = new_group()
+      local e = message(function()
+        local v = g:call(nil, print)
+        return v
+      end)
+      assert.matches("^[^\n]-06%-input_spec%.lua:%d+: bad argument #1 to 'call'", e)
+    end)
+
+    it("as a number is its tostring: 1 and '1' are the same key", function()
+      assert.is_true(same_key(1, "1"))
+      assert.is_true(same_key("1", 1))
+      assert.is_true(same_key(1.5, "1.5"))
+      assert.is_true(same_key(-3, "-3"))
+      assert.is_true(same_key(2 ^ 53, tostring(2 ^ 53)))
+      assert.is_true(same_key(1e300, tostring(1e300)))
+      assert.is_true(same_key(2.0, tostring(2.0))) -- "2.0" on 5.3+, "2" before
+      assert.is_false(same_key(1, "01"))
+      assert.is_false(same_key(1, " 1"))
+      assert.is_false(same_key(1, 2))
+    end)
+
+    it("keeps integer and float text apart where Lua does (5.3 and later)", function()
+      if not helpers.integers then
+        return
+      end
+      assert.is_false(same_key(2, 2.0)) -- "2" and "2.0"
+      assert.is_true(same_key(math.tointeger(2.0), 2))
+    end)
+
+    it("is binary-safe: NUL bytes count", function()
+      assert.is_true(same_key("a\0b", "a\0" .. "b"))
+      assert.is_false(same_key("a\0b", "a\0c"))
+      assert.is_false(same_key("a", "a\0"))
+      assert.is_false(same_key("\0", ""))
+      assert.is_true(same_key("\0\0", "\0\0"))
+      assert.is_true(same_key("\255\254", "\255\254"))
+    end)
+
+    it("may be empty", function()
+      local g = new_group()
+      assert.equal("e", (g:call("", function() return "e" end)))
+      assert.is_true(same_key("", ""))
+    end)
+
+    it("may be 1 MiB long", function()
+      local n = 1024 * 1024
+      local key = string.rep("k", n - 1) .. "\0"
+      local copy = string.rep("k", n - 2) .. "k\0"
+      local other = string.rep("k", n)
+      assert.is_true(same_key(key, copy))
+      assert.is_false(same_key(key, other))
+      local g = new_group()
+      local v, _, shared = g:call(key, function(...) return select("#", ...) end, 1, 2)
+      assert.equal(2, v)
+      assert.is_false(shared)
+      local ok, e = pcall(g.call, g, key, function() error("x") end)
+      assert.is_false(ok)
+      assert.equal(key, e.key)
+    end)
+
+    it("is shown short in messages when long", function()
+      local key = string.rep("k", 1024 * 1024)
+      local g = new_group()
+      local inner
+      g:call(key, function()
+        inner = message(g.call, g, key, print)
+      end)
+      assert.matches("^singleflight: recursive call for key \"kkkk", inner)
+      assert.is_true(#inner < 200)
+      assert.matches("1048576", inner, 1, true)
+    end)
+  end)
+
+  describe("fn", function()
+    it("must be a function or a callable value", function()
+      local g = new_group()
+      local bad = { { nil, "nil" }, { 1, "number" }, { "f", "string" },
+                    { {}, "table" }, { true, "boolean" },
+                    { setmetatable({}, { __index = function() end }), "table" } }
+      for _, case in ipairs(bad) do
+        local e = message(g.call, g, "k", case[1])
+        assert.matches("bad argument #2 to 'call' (function or callable value expected, got "
+                       .. case[2] .. ")", e, 1, true)
+      end
+      assert.matches("bad argument #2 to 'call'", message(g.call, g, "k"), 1, true)
+      assert.same(ZERO, g:stats())
+    end)
+
+    it("may be a C function", function()
+      local g = new_group()
+      assert.same({ 3, nil, false }, { g:call("k", math.max, 1, 3, 2) })
+      assert.same({ "ab", nil, false }, { g:call("k", string.rep, "ab", 1) })
+      local ok, e = pcall(g.call, g, "k", error, "from C", 0)
+      assert.is_false(ok)
+      assert.is_true(singleflight.is_panic(e))
+      assert.equal("from C", e.value)
+      assert.equal(0, g:stats().inflight)
+    end)
+  end)
+
+  it("that is bad changes nothing for a call in flight", function()
+    local g = new_group()
+    local s = helpers.scheduler()
+    local gate = helpers.gate()
+    local leader = s.go(function()
+      return g:call("k", function() gate.wait() return "v" end)
+    end)
+    s.resume(leader.co)
+    local dup = s.go(function()
+      assert(not pcall(g.call, g, "k", nil))
+      assert(not pcall(g.call, g, nil, print))
+      assert(not pcall(g.forget, g, {}))
+      return g:call("k", error)
+    end)
+    s.round()
+    gate.open()
+    s.run()
+    assert.same({}, s.errs)
+    assert.same({ n = 3, "v", nil, true }, leader.res)
+    assert.same({ n = 3, "v", nil, true }, dup.res)
+    local st = g:stats()
+    assert.equal(2, st.calls)
+    assert.equal(1, st.shared)
+  end)
+
+  describe("self", function()
+    -- Regression: on 5.1 and LuaJIT the errors named internal functions
+    -- ('acquire', '?') and blamed the library's own file.
+    it("must be a group, and the error says which method", function()
+      local g = new_group()
+      local bad = { { nil, "nil" }, { 1, "number" }, { "g", "string" }, { {}, "table" },
+                    { io.stdout, "userdata" } }
+      for _, case in ipairs(bad) do
+        local tail = "(singleflight.Group expected, got " .. case[2] .. ")"
+        assert.matches("bad argument #1 to 'call' " .. tail,
+                       message(g.call, case[1], "k", print), 1, true)
+        assert.matches("bad argument #1 to 'call' " .. tail,
+                       message(g["do"], case[1], "k", print), 1, true)
+        assert.matches("bad argument #1 to 'forget' " .. tail,
+                       message(g.forget, case[1], "k"), 1, true)
+        assert.matches("bad argument #1 to 'stats' " .. tail,
+                       message(g.stats, case[1]), 1, true)
+      end
+      assert.same(ZERO, g:stats())
+    end)
+
+    it("errors blame the caller", function()
+      local g = new_group()
+      local e = message(function()
+        local v = g.call("k", print)
+        return v
+      end)
+      assert.matches("^[^\n]-06%-input_spec%.lua:%d+: bad argument #1 to 'call'", e)
+    end)
+  end)
+
+  describe("options", function()
+    local function option_error(opts)
+      return message(singleflight.new, opts)
+    end
+
+    it("may be absent or empty", function()
+      assert.is_userdata(singleflight.new())
+      assert.is_userdata(singleflight.new(nil))
+      assert.is_userdata(singleflight.new {})
+    end)
+
+    it("must be a table", function()
+      for _, v in ipairs { "x", 1, true, print } do
+        assert.matches("bad argument #1 to 'new' (table expected, got " .. type(v) .. ")",
+                       option_error(v), 1, true)
+      end
+    end)
+
+    it("accept the documented values", function()
+      local ok_values = {
+        { timeout = 0 }, { timeout = 0.25 }, { timeout = 10 }, { timeout = math.huge },
+        { on_timeout = "error" }, { on_timeout = "run" },
+        { backend = "auto" }, { backend = "coroutine" }, { backend = "none" },
+        { backend = "ngx" }, { backend = "cqueues" }, { backend = "copas" },
+        { backend = { wait = print, wake = print } },
+        { backend = { wait = print, wake = print, new = print, can_wait = print,
+                      spawn = print } },
+        { timeout = 1, on_timeout = "run", backend = "coroutine" },
+      }
+      for _, opts in ipairs(ok_values) do
+        assert.is_userdata(singleflight.new(opts))
+      end
+    end)
+
+    it("reject a bad timeout, naming it", function()
+      for _, v in ipairs { "1", -1, -0.5, true, {} } do
+        assert.matches("bad option 'timeout' to 'new'", option_error { timeout = v }, 1, true)
+      end
+      assert.matches("bad option 'timeout' to 'new'", option_error { timeout = 0 / 0 }, 1, true)
+    end)
+
+    it("reject a bad on_timeout, naming it", function()
+      for _, v in ipairs { "ERROR", "retry", 1, true, {} } do
+        assert.matches("bad option 'on_timeout' to 'new'", option_error { on_timeout = v },
+                       1, true)
+      end
+    end)
+
+    it("reject a bad backend, naming it", function()
+      for _, v in ipairs { "nginx", "", 1, true, print, {},
+                           { wait = print }, { wake = print },
+                           { wait = print, wake = "x" },
+                           { wait = print, wake = print, new = 1 },
+                           { wait = print, wake = print, can_wait = true },
+                           { wait = print, wake = print, spawn = "f" } } do
+        assert.matches("bad option 'backend' to 'new'", option_error { backend = v }, 1, true)
+      end
+    end)
+
+    it("reject unknown names, naming them", function()
+      assert.matches("bad option 'timout' to 'new'", option_error { timout = 1 }, 1, true)
+      assert.matches("bad option 'Backend' to 'new'", option_error { Backend = "none" },
+                     1, true)
+      assert.matches("bad option '1' to 'new'", option_error { "coroutine" }, 1, true)
+    end)
+
+    -- Regression: a bad backend table blamed the library's own file.
+    it("errors blame the caller of new", function()
+      local cases = { { timeout = -1 }, { backend = "x" }, { backend = {} },
+                      { backend = { wait = print, wake = print, new = 1 } }, { nope = 1 } }
+      for _, opts in ipairs(cases) do
+        local e = message(function()
+          local g = singleflight.new(opts)
+          return g
+        end)
+        assert.matches("^[^\n]-06%-input_spec%.lua:%d+: bad option", e)
+      end
+      local e = message(function()
+        local g = singleflight.new(1)
+        return g
+      end)
+      assert.matches("^[^\n]-06%-input_spec%.lua:%d+: bad argument #1 to 'new'", e)
+    end)
+  end)
+end)

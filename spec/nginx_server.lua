@@ -1,0 +1,311 @@
+-- A throwaway nginx for the OpenResty specs, and a small HTTP client.
+--
+-- start() runs Debian's nginx with the Lua module on 127.0.0.1 and a free
+-- port, from a prefix directory of its own (config, logs, pid, temp
+-- files), with one process (master_process off) serving ngx_app.lua with
+-- the LuaJIT build of singleflight.core. stop() ends it and removes the
+-- prefix. The worker also exits by itself after a while (init_worker), in
+-- case the spec run dies first.
+local socket = require "socket"
+
+local M = {}
+
+local MODULE_DIRS = { "/usr/share/nginx/modules", "/usr/lib/nginx/modules" }
+
+local function exists(path)
+  local f = io.open(path, "rb")
+  if f then
+    f:close()
+    return true
+  end
+  return false
+end
+
+local function sh(cmd)
+  local p = assert(io.popen(cmd .. " 2>&1; echo \"rc=$?\""))
+  local out = p:read("*a")
+  p:close()
+  local rc = tonumber(out:match("rc=(%d+)%s*$"))
+  return rc == 0, out:gsub("rc=%d+%s*$", ""), rc
+end
+
+local function quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+--- What start needs, or nil and why it can't run here.
+function M.find()
+  if not rawget(_G, "jit") then
+    return nil, "runs once, under LuaJIT (the Lua nginx embeds)"
+  end
+  local nginx = os.getenv("NGINX") or "/usr/sbin/nginx"
+  if not exists(nginx) then
+    return nil, "nginx is not installed (" .. nginx .. ")"
+  end
+  local found = {}
+  for _, dir in ipairs(MODULE_DIRS) do
+    if exists(dir .. "/ngx_http_lua_module.so") and exists(dir .. "/ndk_http_module.so") then
+      found.ndk = dir .. "/ndk_http_module.so"
+      found.lua = dir .. "/ngx_http_lua_module.so"
+      break
+    end
+  end
+  if not found.lua then
+    return nil, "libnginx-mod-http-lua is not installed"
+  end
+  if not exists("/usr/share/lua/5.1/resty/core.lua") then
+    return nil, "lua-resty-core is not installed"
+  end
+  local ok, pwd = sh("pwd")
+  local root = ok and pwd:match("[^\n]+")
+  if not root or not exists(root .. "/build/jit/singleflight/core.so") then
+    return nil, "build/jit/singleflight/core.so is missing (make build)"
+  end
+  found.nginx, found.root = nginx, root
+  return found
+end
+
+local function free_port()
+  local s = assert(socket.bind("127.0.0.1", 0))
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+local CONF = [[
+daemon on;
+master_process off;
+worker_processes 1;
+pid logs/nginx.pid;
+error_log logs/error.log @LOGLEVEL@;
+load_module @NDK@;
+load_module @LUA@;
+
+events {
+  worker_connections 1024;
+}
+
+http {
+  access_log off;
+  client_body_temp_path tmp/body;
+  proxy_temp_path tmp/proxy;
+  fastcgi_temp_path tmp/fastcgi;
+  uwsgi_temp_path tmp/uwsgi;
+  scgi_temp_path tmp/scgi;
+  lua_package_path "@LPATH@;;";
+  lua_package_cpath "@ROOT@/build/jit/?.so;;";
+
+  init_by_lua_block {
+    app = require "ngx_app"
+  }
+  init_worker_by_lua_block {
+    app.init_worker(@LIFETIME@)
+  }
+
+  server {
+    listen 127.0.0.1:@PORT@;
+    lua_check_client_abort on;
+
+    location / {
+      content_by_lua_block { app.content() }
+    }
+    location = /abort_leader {
+      content_by_lua_block { app.content() }
+      log_by_lua_block { app.finished() }
+    }
+    location = /phase_probe {
+      header_filter_by_lua_block { app.header_filter() }
+      content_by_lua_block { ngx.say("probe") }
+    }
+    location = /start_from_log {
+      log_by_lua_block { app.log() }
+      content_by_lua_block { ngx.say("logged") }
+    }
+  }
+}
+]]
+
+--- Starts nginx; returns a server { port, prefix, stop, log } or nil, why.
+function M.start(lifetime)
+  local found, why = M.find()
+  if not found then
+    return nil, why
+  end
+  local ok, out = sh("mktemp -d /tmp/singleflight-nginx.XXXXXX")
+  local prefix = ok and out:match("(/tmp/singleflight%-nginx%.[%w]+)")
+  assert(prefix, "mktemp failed: " .. out)
+  assert(sh("mkdir -p " .. quote(prefix) .. "/conf " .. quote(prefix) .. "/logs "
+            .. quote(prefix) .. "/tmp"))
+  local port = free_port()
+  local lpath = table.concat({
+    found.root .. "/lua/?.lua", found.root .. "/lua/?/init.lua",
+    found.root .. "/spec/?.lua", "/usr/share/lua/5.1/?.lua",
+    "/usr/share/lua/5.1/?/init.lua",
+  }, ";")
+  local conf = CONF:gsub("@(%u+)@", {
+    LPATH = lpath,
+    NDK = found.ndk, LUA = found.lua, ROOT = found.root, PORT = tostring(port),
+    LIFETIME = tostring(lifetime or 120),
+    LOGLEVEL = os.getenv("SINGLEFLIGHT_NGINX_LOG") or "warn",
+  })
+  local f = assert(io.open(prefix .. "/conf/nginx.conf", "w"))
+  f:write(conf)
+  f:close()
+  local server = { port = port, prefix = prefix }
+
+  function server.log()
+    local lf = io.open(prefix .. "/logs/error.log", "r")
+    if not lf then
+      return ""
+    end
+    local text = lf:read("*a")
+    lf:close()
+    return text
+  end
+
+  function server.pid()
+    local pf = io.open(prefix .. "/logs/nginx.pid", "r")
+    local pid = pf and tonumber(pf:read("*l"))
+    if pf then
+      pf:close()
+    end
+    return pid
+  end
+
+  function server.alive()
+    local pid = server.pid()
+    return pid ~= nil and (sh("kill -0 " .. pid))
+  end
+
+  function server.stop()
+    local pid = server.pid()
+    if pid then
+      sh("kill -TERM " .. pid)
+      for _ = 1, 100 do
+        if not sh("kill -0 " .. pid) then
+          break
+        end
+        socket.sleep(0.05)
+      end
+      if sh("kill -0 " .. pid) then
+        sh("kill -KILL " .. pid)
+      end
+    end
+    if not os.getenv("SINGLEFLIGHT_KEEP_NGINX") then
+      sh("rm -rf " .. quote(prefix))
+    end
+  end
+
+  local started, msg = sh(quote(found.nginx) .. " -p " .. quote(prefix .. "/")
+                          .. " -c conf/nginx.conf -e logs/error.log")
+  if not started then
+    local log = server.log()
+    server.stop()
+    error("nginx did not start: " .. msg .. "\n" .. log)
+  end
+  -- accepting connections?
+  for _ = 1, 100 do
+    local c = socket.connect("127.0.0.1", port)
+    if c then
+      c:close()
+      return server
+    end
+    socket.sleep(0.05)
+  end
+  local log = server.log()
+  server.stop()
+  error("nginx does not answer on port " .. port .. "\n" .. log)
+end
+
+---------------------------------------------------------------------------
+-- HTTP/1.0 client
+
+local function parse(raw)
+  local head, body = raw:match("^(.-)\r\n\r\n(.*)$")
+  if not head then
+    return { status = 0, raw = raw, fields = {}, headers = {} }
+  end
+  local status = tonumber(head:match("^HTTP/%d%.%d (%d+)"))
+  local headers = {}
+  for k, v in head:gmatch("\r\n([^:\r\n]+):%s*([^\r\n]*)") do
+    headers[k:lower()] = v
+  end
+  local fields = {}
+  for k, v in body:gmatch("([%w_]+)=([^\n]*)") do
+    fields[k] = v
+  end
+  return { status = status, headers = headers, body = body, fields = fields }
+end
+
+--- Opens a connection and sends a GET for path; the answer is read later
+-- with M.collect (or never: close the socket to abort the request).
+function M.open(port, path)
+  local c = assert(socket.tcp())
+  c:settimeout(5)
+  assert(c:connect("127.0.0.1", port))
+  assert(c:send("GET " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                .. "Connection: close\r\n\r\n"))
+  c:settimeout(0)
+  return c
+end
+
+--- Reads the answers on the connections `conns` until each peer closed,
+-- for `secs` seconds at most. Returns the parsed answers in order; a
+-- connection that did not finish gives { status = 0, timed_out = true }.
+function M.collect(conns, secs)
+  local deadline = socket.gettime() + (secs or 10)
+  local bufs, pending, index = {}, {}, {}
+  for i, c in ipairs(conns) do
+    bufs[i] = {}
+    pending[#pending + 1] = c
+    index[c] = i
+  end
+  while #pending > 0 and socket.gettime() < deadline do
+    local readable = socket.select(pending, nil, math.min(0.1, deadline - socket.gettime()))
+    for _, c in ipairs(readable) do
+      local i = index[c]
+      local data, err, part = c:receive(65536)
+      data = data or part
+      if data and #data > 0 then
+        bufs[i][#bufs[i] + 1] = data
+      end
+      if err == "closed" then
+        c:close()
+        index[c] = nil
+      end
+    end
+    local still = {}
+    for _, c in ipairs(pending) do
+      if index[c] then
+        still[#still + 1] = c
+      end
+    end
+    pending = still
+  end
+  local out = {}
+  for i = 1, #conns do
+    if index[conns[i]] then
+      conns[i]:close()
+      out[i] = { status = 0, timed_out = true, fields = {}, headers = {} }
+    else
+      out[i] = parse(table.concat(bufs[i]))
+    end
+  end
+  return out
+end
+
+--- Sends every path at once and waits for all the answers.
+function M.batch(port, paths, secs)
+  local conns = {}
+  for i, p in ipairs(paths) do
+    conns[i] = M.open(port, p)
+  end
+  return M.collect(conns, secs)
+end
+
+--- One request.
+function M.get(port, path, secs)
+  return M.batch(port, { path }, secs)[1]
+end
+
+return M
