@@ -34,6 +34,8 @@ TEST_PKGS ?= build-essential lua5.1 liblua5.1-0-dev lua5.2 liblua5.2-dev \
 BENCH_PKGS ?= golang-go golang-golang-x-sync-dev hyperfine wrk
 DEMO_PKGS ?= wrk
 
+all: build
+
 # Each mk/*.mk adds its own targets, and the checks `make test` runs to
 # CHECK_EXTRA.
 CHECK_EXTRA :=
@@ -41,8 +43,6 @@ CHECK_EXTRA :=
 
 .PHONY: all build test deps bench-deps check specs lint rockspec-check \
         demo bench clean
-
-all: build
 
 build: $(MODULES)
 

@@ -39,7 +39,7 @@
 #include <time.h>
 
 #define NGROUPS 2
-#define NKEYS 48
+#define NKEYS 24
 #define NCHURN 4
 #define PAYLOAD_MAGIC 0x5346504159ULL
 #define MAX_THREADS 64

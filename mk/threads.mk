@@ -9,7 +9,6 @@
 
 # The fragments are read before the Makefile's first rule: keep `make`
 # meaning `make all`.
-.DEFAULT_GOAL := all
 
 STRESS_SECONDS ?= 3
 STRESS_THREADS ?= 8

@@ -380,7 +380,7 @@ local function wait_failed(rec, be, c, skey, e)
   error(e, 0)
 end
 
-local function wait_local(opts, c, skey)
+local function wait_local(opts, c, skey, deadline)
   local be = resolve_backend(opts.backend)
   local can, why = true, nil
   if be.can_wait then
@@ -404,8 +404,6 @@ local function wait_local(opts, c, skey)
   end
   rec.counts[be] = rec.counts[be] + 1
   rec.n = rec.n + 1
-  local timeout = opts.timeout
-  local deadline = timeout and now() + timeout
   while not rec.done and not rec.abandoned do
     local remaining
     if deadline then
@@ -477,6 +475,16 @@ local function on_abandon(c)
   end
 end
 
+-- LuaJIT (2.1.0-beta3) can spin for ever in a compiled pairs() loop
+-- entered from a __gc finalizer, which is where a collected leader's guard
+-- reports abandonment: keep wake_all interpreted.
+do
+  local jit = rawget(_G, "jit")
+  if type(jit) == "table" and type(jit.off) == "function" then
+    jit.off(wake_all)
+  end
+end
+
 local function leader_done(self, skey, c, guard, ok, v, err)
   local shared, nlocal, nforeign = finish(c, guard, ok)
   if ok and nlocal == 0 and nforeign == 0 then
@@ -506,12 +514,15 @@ end
 
 local function join(self, st, c, skey, fn, ...)
   local opts = options[self] or DEFAULTS
+  -- one deadline for the whole wait, across leaders that go away
+  local deadline = opts.timeout and now() + opts.timeout
   while true do
     local r, ok, v, err
     if st == JOINED then
-      r, ok, v, err = wait_local(opts, c, skey)
+      r, ok, v, err = wait_local(opts, c, skey, deadline)
     else
-      r, ok, v, err = core_wait(c, opts.timeout or -1)
+      local left = deadline and deadline - now() or -1
+      r, ok, v, err = core_wait(c, deadline and (left > 0 and left or 0) or -1)
     end
     if r == "done" then
       if ok then
