@@ -1019,17 +1019,48 @@ static int xfer_decode(lua_State *L, const lsf_payload *p) {
  * publish(call, ok, v, err, traceback): gives the foreign waiters their
  * copy. ok false: v is the panic's value and err its traceback.
  */
+typedef struct encode_job {
+  int ok;
+  const char *key;
+  size_t klen;
+  lsf_payload *p;
+} encode_job;
+
+/* encode(job, v, err, traceback), protected: a memory error while copying
+ * must not keep the call from being published. */
+static int encode_protected(lua_State *L) {
+  encode_job *j = (encode_job *)lua_touserdata(L, 1);
+  j->p = j->ok ? xfer_encode_result(L, 2, 3, j->key, j->klen)
+               : xfer_encode_panic(L, 2, 4, j->key, j->klen);
+  return 0;
+}
+
 static int lsf_publish(lua_State *L) {
   sf_call *c = check_call(L, 1);
-  int ok = lua_toboolean(L, 2);
-  size_t klen;
-  const char *key = sf_call_key(c, &klen);
-  lsf_payload *p;
+  encode_job j;
+  int i;
+  j.ok = lua_toboolean(L, 2);
+  j.key = sf_call_key(c, &j.klen);
+  j.p = NULL;
   lua_settop(L, 5);
-  p = ok ? xfer_encode_result(L, 3, 4, key, klen)
-         : xfer_encode_panic(L, 3, 5, key, klen);
-  sf_publish(c, p, xfer_free);
+  for (i = 1; i <= NUPVALUES; i++)
+    lua_pushvalue(L, lua_upvalueindex(i));
+  lua_pushcclosure(L, encode_protected, NUPVALUES);
+  lua_pushlightuserdata(L, &j);
+  lua_pushvalue(L, 3);
+  lua_pushvalue(L, 4);
+  lua_pushvalue(L, 5);
+  if (lua_pcall(L, 4, 0, 0) != 0)
+    lua_pop(L, 1); /* no payload: the waiters are told it could not be copied */
+  sf_publish(c, j.p, xfer_free);
   return 0;
+}
+
+/* decode(payload), protected: the call is released whatever happens. */
+static int decode_protected(lua_State *L) {
+  const lsf_payload *p = (const lsf_payload *)lua_touserdata(L, 1);
+  lua_pop(L, 1);
+  return xfer_decode(L, p);
 }
 
 /*
@@ -1044,10 +1075,17 @@ static int lsf_wait(lua_State *L) {
   int st = sf_wait(c, timeout, &payload);
   int n;
   switch (st) {
-  case SF_DONE:
-    n = xfer_decode(L, (const lsf_payload *)payload);
-    sf_release(c);
+  case SF_DONE: {
+    int top = lua_gettop(L), status;
+    lua_pushcfunction(L, decode_protected);
+    lua_pushlightuserdata(L, payload);
+    status = lua_pcall(L, 1, LUA_MULTRET, 0);
+    sf_release(c); /* the payload goes with the last reference */
+    if (status != 0)
+      return lua_error(L);
+    n = lua_gettop(L) - top;
     return n;
+  }
   case SF_TIMEDOUT:
     sf_release(c);
     lua_pushliteral(L, "timeout");
