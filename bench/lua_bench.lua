@@ -1,6 +1,6 @@
 --- The Lua benchmarks: g:call against pcall and a plain-Lua singleflight.
 --
---   lua bench/lua_bench.lua speed|memory [scale]
+--   lua bench/lua_bench.lua speed|memory|floor [scale]
 --
 -- Run from the repository root with package.path and package.cpath set to
 -- lua/ and build/<version>/ (bench/run.sh does it). Prints one line per
@@ -226,6 +226,40 @@ local function stampede()
 end
 
 ---------------------------------------------------------------------------
+-- Floor: what a C g:call costs at the least, step by step (bench/floor.c,
+-- Lua 5.3 and later), against pcall(fn) and g:call, side by side.
+
+local function floor_steps()
+  local floor = require "floor"
+  local steps = { "pcallk", "group", "args", "thread", "core" }
+  local loops, times = {}, {}
+  for i, m in ipairs(steps) do
+    loops[i] = timed_loop(("g:%s(\"key\", fn)"):format(m))
+    times[i] = {}
+  end
+  local n, rounds = scaled(2000000, 100), 7
+  local g, fg = singleflight.new(), floor.new()
+  local tq, tc = {}, {}
+  ns_pcall(nil, n / 10)
+  ns_call(g, n / 10)
+  for i = 1, #steps do
+    loops[i](fg, n / 10)
+  end
+  for r = 1, rounds do
+    tq[r] = ns_pcall(nil, n)
+    for i = 1, #steps do
+      times[i][r] = loops[i](fg, n)
+    end
+    tc[r] = ns_call(g, n)
+  end
+  out("floor_pcall_ns", median(tq))
+  for i, m in ipairs(steps) do
+    out("floor_" .. m .. "_ns", median(times[i]))
+  end
+  out("floor_call_ns", median(tc))
+end
+
+---------------------------------------------------------------------------
 -- Memory
 
 local function rss_kb()
@@ -320,6 +354,8 @@ if mode == "speed" then
 elseif mode == "memory" then
   growth()
   inflight()
+elseif mode == "floor" then
+  floor_steps()
 else
   error("unknown mode " .. tostring(mode))
 end

@@ -8,8 +8,10 @@
 #
 # Environment: BENCH_RUNS, BENCH_SCALE (multiplies the counts),
 # LUA_VERSIONS, BUILD, CC, OPT, WARN (as in the Makefile). Lua modules must
-# be built already (make build). Raw results go to $BUILD/bench/results.txt,
-# the table to $BUILD/bench/table.md.
+# be built already (make build). Programs, raw results (results.txt) and
+# the table (table.md) go to $BUILD/bench, or $BUILD/bench-smoke for a
+# smoke run, so that a smoke run (in `make check`) never clobbers a
+# benchmark running at the same time.
 set -e
 cd "$(dirname "$0")/.."
 
@@ -22,19 +24,33 @@ if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   RUNS=${BENCH_RUNS:-1}
   SCALE=${BENCH_SCALE:-0.001}
   report_flag=--smoke
+  out=$BUILD/bench-smoke
 else
   RUNS=${BENCH_RUNS:-3}
   SCALE=${BENCH_SCALE:-1}
   report_flag=
+  out=$BUILD/bench
 fi
 
-out=$BUILD/bench
 mkdir -p "$out"
+case $out in /*) absout=$out ;; *) absout=$(pwd)/$out ;; esac
 results=$out/results.txt
 : >"$results"
 
 note() { echo "bench: $*" >&2; }
 meta() { echo "meta $1 $2" >>"$results"; }
+
+# collect PREFIX COMMAND...: runs the command and adds its lines to the
+# results, each after PREFIX; stops everything if the command fails.
+collect() {
+  prefix=$1
+  shift
+  if ! "$@" >"$out/last.txt"; then
+    note "failed: $*"
+    exit 1
+  fi
+  sed "s/^/$prefix /" "$out/last.txt" >>"$results"
+}
 
 lua_bin() { case $1 in jit) echo luajit ;; *) echo "lua$1" ;; esac; }
 
@@ -49,9 +65,9 @@ gobench=
 if command -v go >/dev/null 2>&1 && [ -d "$xsync" ]; then
   # GOPATH mode with Debian's copy of x/sync: no module, no network.
   (cd bench/go &&
-    GOPATH=/usr/share/gocode GO111MODULE=off GOFLAGS= GOPROXY=off \
-      GOCACHE="$(cd ../.. && pwd)/$out/gocache" \
-      go build -o "../../$out/gobench" .) && gobench=$out/gobench
+    GOPATH=/usr/share/gocode GO111MODULE=off GOFLAGS='' GOPROXY=off \
+      GOCACHE="$absout/../gocache" go build -o "$absout/gobench" .) &&
+    gobench=$out/gobench
   [ -n "$gobench" ] || note "the Go benchmark did not build: skipped"
 else
   note "go or golang-golang-x-sync-dev missing: the Go comparison is skipped"
@@ -67,19 +83,33 @@ for v in $LUA_VERSIONS; do
   fi
 done
 
-run_lua() { # version mode
+# bench/floor.c, for Lua 5.4: the floor under a C g:call, step by step
+floor=
+case " $luas " in *" 5.4 "*)
+  mkdir -p "$out/floor"
+  # shellcheck disable=SC2086
+  $CC $WARN $OPT -fPIC -shared -I/usr/include/lua5.4 -Icsrc bench/floor.c \
+    csrc/sf_core.c -o "$out/floor/floor.so" -lpthread && floor=$out/floor
+  ;;
+esac
+
+# shellcheck disable=SC2317 # called through collect
+run_lua() { # version mode [extra cpath dir]
   $(lua_bin "$1") -e "package.path = 'lua/?.lua;lua/?/init.lua;bench/?.lua;' .. package.path
-    package.cpath = '$BUILD/$1/?.so;' .. package.cpath" bench/lua_bench.lua "$2" "$SCALE"
+    package.cpath = '$BUILD/$1/?.so;${3:+$3/?.so;}' .. package.cpath" \
+    bench/lua_bench.lua "$2" "$SCALE"
 }
 
 # ---- the machine ----
 
 meta date "$(date -u +%Y-%m-%d)"
-meta cpu "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+cpu_field() { sed -n "s/^$1[[:space:]]*: //p" /proc/cpuinfo | head -1; }
+meta cpu "$(cpu_field 'model name') (family $(cpu_field 'cpu family'), model $(cpu_field model))"
 meta cores "$(nproc)"
 meta os "$(uname -sr)"
 meta cc "$($CC --version | head -1)"
 meta runs "$RUNS"
+meta load_start "$(cut -d' ' -f1-3 /proc/loadavg)"
 meta scale "$SCALE"
 for v in $luas; do
   meta "lua-$v" "$($(lua_bin "$v") -v 2>&1 | head -1 | sed 's/ *\(-- \)*Copyright.*//')"
@@ -96,22 +126,28 @@ fi
 run=1
 while [ "$run" -le "$RUNS" ]; do
   note "run $run of $RUNS: C core"
-  "$out/core_bench" "$SCALE" | sed "s/^core /$run core /" >>"$results"
+  collect "$run" "$out/core_bench" "$SCALE"
   if [ -n "$gobench" ]; then
     note "run $run of $RUNS: Go"
-    "$gobench" "$SCALE" | sed "s/^go /$run go /" >>"$results"
+    collect "$run" "$gobench" "$SCALE"
   fi
   for v in $luas; do
     note "run $run of $RUNS: Lua $v"
-    run_lua "$v" speed | sed "s/^/$run lua-$v /" >>"$results"
+    collect "$run lua-$v" run_lua "$v" speed
   done
+  if [ -n "$floor" ]; then
+    note "run $run of $RUNS: Lua 5.4, floor"
+    collect "$run lua-5.4" run_lua 5.4 floor "$floor"
+  fi
   run=$((run + 1))
 done
 
 for v in $luas; do
   note "memory: Lua $v"
-  run_lua "$v" memory | sed "s/^/1 lua-$v /" >>"$results"
+  collect "1 lua-$v" run_lua "$v" memory
 done
+
+meta load_end "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ---- the table ----
 

@@ -44,7 +44,6 @@ struct sf_call {
   uint32_t hash;         /* picks the shard (top bits) and the bucket */
   uint32_t refs;         /* leader + foreign joiners */
   uint32_t dups;         /* joiners, every domain */
-  uint32_t left;         /* joiners that gave up */
   uint32_t nlocal;       /* joiners from the leader's domain */
   uint32_t foreign;      /* foreign joiners still waiting */
   uint8_t state;
@@ -492,7 +491,7 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   c->payload = NULL;
   c->freefn = NULL;
   c->refs = 1;
-  c->dups = c->left = c->nlocal = c->foreign = 0;
+  c->dups = c->nlocal = c->foreign = 0;
   c->state = ST_RUNNING;
   c->linked = 1;
   c->next = *bucket_of(sh, hash);
@@ -524,7 +523,6 @@ void sf_leave(sf_call *c) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
   shard_lock(g, sh);
-  c->left++;
   stat_add(sh, SF_STAT_TIMEOUTS);
   shard_unlock(g, sh);
 }
@@ -541,7 +539,7 @@ unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
     table_unlink(sh, c);
   if (panicked)
     stat_add(sh, SF_STAT_PANICS);
-  *shared = c->dups > c->left;
+  *shared = c->dups > 0;
   *nlocal = c->nlocal;
   foreign = c->foreign;
   if (foreign == 0) {
@@ -622,7 +620,6 @@ int sf_wait(sf_call *c, double timeout, void **payload) {
     if (rc == ETIMEDOUT &&
         (c->state == ST_RUNNING || c->state == ST_CLOSING)) {
       c->foreign--;
-      c->left++;
       stat_add(sh, SF_STAT_TIMEOUTS);
       shard_unlock(g, sh);
       return SF_TIMEDOUT;

@@ -100,8 +100,9 @@ void sf_leave(sf_call *c);
 
 /*
  * The leader's work is done. Removes the key unless it was forgotten, so
- * that later callers start afresh. *shared is set to whether any joiner is
- * still there to take the results, *nlocal to the number of JOINED callers.
+ * that later callers start afresh. *shared is set to whether any caller
+ * joined (Go's `shared`; one that gave up waiting counts too), *nlocal to
+ * the number of JOINED callers.
  * Returns the number of foreign waiters: when it is 0 the call is complete
  * and the leader's reference is gone; otherwise the leader must call
  * sf_publish.

@@ -9,6 +9,6 @@ bench-smoke: build
 	@BENCH_SMOKE=1 BUILD="$(BUILD)" CC="$(CC)" OPT="$(OPT)" WARN="$(WARN)" \
 	  LUA_VERSIONS="$(LUA_VERSIONS)" sh bench/run.sh >$(BUILD)/bench-smoke.log 2>&1 || \
 	  { cat $(BUILD)/bench-smoke.log; echo "bench-smoke: failed" >&2; exit 1; }
-	@echo "bench-smoke: every benchmark ran and reported (table in $(BUILD)/bench/table.md)"
+	@echo "bench-smoke: every benchmark ran and reported (table in $(BUILD)/bench-smoke/table.md)"
 
 CHECK_EXTRA += bench-smoke

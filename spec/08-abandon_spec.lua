@@ -245,3 +245,65 @@ describe("a leader that finished", function()
     assert.equal(0, st.inflight)
   end)
 end)
+
+-- Regression: LuaJIT spun for ever when a collected leader's finalizer
+-- woke its waiters through a compiled pairs() loop. Run in a child process
+-- with hotloop=1, which made every round of it hang, under a hang guard.
+describe("abandonment reported from a finalizer under LuaJIT's JIT", function()
+  it("wakes the waiters and returns", function()
+    local jit = rawget(_G, "jit")
+    if not (jit and jit.opt) then
+      return
+    end
+    local lua = os.getenv("SINGLEFLIGHT_LUA") or "luajit"
+    local script = os.tmpname()
+    local f = assert(io.open(script, "w"))
+    f:write(([[
+      package.path = %q
+      package.cpath = %q
+      jit.opt.start("hotloop=1")
+      local singleflight = require "singleflight"
+      local custom = {
+        new = function() return {} end,
+        wait = function() coroutine.yield() end,
+        wake = function() end,
+      }
+      local function round(backend, nwait)
+        local g = singleflight.new { backend = backend }
+        local box = { coroutine.create(function()
+          return g:call("k", function() coroutine.yield() end)
+        end) }
+        coroutine.resume(box[1])
+        local ws = {}
+        for i = 1, nwait do
+          ws[i] = coroutine.create(function()
+            return g:call("k", function() coroutine.yield() return i end)
+          end)
+          coroutine.resume(ws[i])
+        end
+        box[1] = nil
+        collectgarbage()
+        collectgarbage()
+        for _ = 1, 10 do
+          for _, co in ipairs(ws) do
+            if coroutine.status(co) == "suspended" then
+              assert(coroutine.resume(co))
+            end
+          end
+        end
+        assert(g:stats().abandoned == 1, "not abandoned")
+      end
+      for _ = 1, 30 do
+        round("coroutine", 3)
+        round(custom, 2)
+      end
+      io.write("rounds done\n")
+    ]]):format(package.path, package.cpath))
+    f:close()
+    local p = assert(io.popen("timeout 60 " .. lua .. " " .. script .. " 2>&1"))
+    local out = p:read("*a")
+    p:close()
+    os.remove(script)
+    assert.equal("rounds done\n", out)
+  end)
+end)

@@ -369,6 +369,7 @@ local function run_model(seed, steps)
     else
       g.count.shared = g.count.shared + 1
       g.count.timeouts = g.count.timeouts + 1
+      cur.joins = cur.joins + 1 -- joined, then gave up: the leader's shared
       if g.run then
         new_exec(g, skey, c, true)
         expect_start = true
@@ -415,6 +416,7 @@ local function run_model(seed, steps)
     else -- the workers' handle on N2: timeout 0, on_timeout "run"
       g.count.shared = g.count.shared + 1
       g.count.timeouts = g.count.timeouts + 1
+      cur.joins = cur.joins + 1 -- joined, then gave up: the leader's shared
       new_exec(g, skey, c, true)
       await(function(m) return m.kind == "started" and m.id == c.id end, "an unshared start")
     end
