@@ -44,12 +44,16 @@ struct lsf_guard;
 typedef struct lsf_ctx {
   uintptr_t next_id;
   struct lsf_guard *main_guard; /* the main thread's, once made */
+  lua_State *main_L;            /* the main thread, once seen */
 } lsf_ctx;
 
 typedef struct lsf_group {
-  sf_group *g; /* NULL once closed */
+  const void *tag; /* &group_tag: a cheap type check for the fast path */
+  sf_group *g;     /* NULL once closed */
   int named;
 } lsf_group;
+
+static const char group_tag = 0;
 
 #define GUARD_INLINE 4
 
@@ -326,6 +330,7 @@ static int lsf_alias(lua_State *L) {
 
 static void push_group(lua_State *L, sf_group *g, int named) {
   lsf_group *ug = (lsf_group *)lua_newuserdata(L, sizeof *ug);
+  ug->tag = &group_tag;
   ug->g = g;
   ug->named = named;
   luaL_getmetatable(L, GROUP_MT);
@@ -528,63 +533,83 @@ LSF_KFUNC(results_k) {
 
 /*
  * The leader's frame, 5.2 and later, laid out as
- *   1 group, 2 key, 3 guard, 4 call, 5 msgh, 6 fn, 7... args
- * fn runs under lua_pcallk, so it may yield; lead_k picks up after it.
+ *   1 msgh, 2 key, [3 guard,] fn, args...
+ * The guard's slot is there for a coroutine only (the main thread's guard
+ * is cached in the context): on 5.4 it is to-be-closed. The continuation's
+ * context is the guard (5.3+); its innermost call is this frame's, as the
+ * calls made inside fn were finished or abandoned before fn returned.
+ * fn runs under lua_pcallk, so it may yield; lead_k picks up after it with
+ * fn's two results (or the panic) on top.
  */
+#if LUA_VERSION_NUM >= 503
+#define LEAD_CTX(gd, base) ((lua_KContext)(gd))
+#define lead_guard(L, ctx) ((lsf_guard *)(ctx))
+#else /* 5.2's context is an int: the base, to find the guard again */
+#define LEAD_CTX(gd, base) (base)
+static lsf_guard *lead_guard(lua_State *L, lua_KContext ctx) {
+  if (ctx == 4)
+    return (lsf_guard *)lua_touserdata(L, 3);
+  return ((lsf_ctx *)lua_touserdata(L, UV_CTX))->main_guard;
+}
+#endif
+
 LSF_KFUNC(lead_k) {
   int ok = status == LUA_OK || status == LUA_YIELD;
-  lsf_guard *gd = (lsf_guard *)lua_touserdata(L, 3);
-  sf_call *c = (sf_call *)lua_touserdata(L, 4);
-  int shared;
+  lsf_guard *gd = lead_guard(L, ctx);
+  sf_call *c = gd->stack[--gd->height];
+  int shared, top;
   unsigned nlocal, nforeign;
-  (void)ctx;
-  guard_remove(gd, c);
   nforeign = sf_finish(c, !ok, &shared, &nlocal);
   if (ok && nlocal == 0 && nforeign == 0) {
     lua_pushboolean(L, shared);
     return 3;
   }
-  lua_settop(L, ok ? 7 : 6); /* v, err; or the panic */
   if (!ok)
-    lua_pushnil(L);
-  /* hand over to the Lua layer: leader(g, key, call, ok, shared, nlocal,
-   * nforeign, v, err) */
+    lua_pushnil(L); /* the panic, nil */
+  top = lua_gettop(L);
+  /* hand over to the Lua layer: leader(nil, key, call, ok, shared, nlocal,
+   * nforeign, v, err); its first argument is unused */
   lua_rawgeti(L, UV_HOOKS, HOOK_LEADER);
-  lua_pushvalue(L, 1);
+  lua_pushnil(L);
   lua_pushvalue(L, 2);
   lua_pushlightuserdata(L, c);
   lua_pushboolean(L, ok);
   lua_pushboolean(L, shared);
   lua_pushinteger(L, (lua_Integer)nlocal);
   lua_pushinteger(L, (lua_Integer)nforeign);
-  lua_pushvalue(L, 6);
-  lua_pushvalue(L, 7);
-  lua_callk(L, 9, LUA_MULTRET, 7, LSF_K(results_k));
-  return LSF_KCALL(results_k, L, LUA_OK, 7);
+  lua_pushvalue(L, top - 1);
+  lua_pushvalue(L, top);
+  lua_callk(L, 9, LUA_MULTRET, top, LSF_K(results_k));
+  return LSF_KCALL(results_k, L, LUA_OK, top);
 }
 
-static int lead_run(lua_State *L) {
-  int nargs = lua_gettop(L) - 6;
+/* Runs fn (at base) and its arguments as the leader of gd's innermost
+ * call; slot 1 is free for the message handler. */
+static int lead_run(lua_State *L, lsf_guard *gd, int base) {
+  lua_rawgeti(L, UV_HOOKS, HOOK_MSGH);
+  lua_replace(L, 1);
 #if LSF_HAVE_TOCLOSE
-  /* coroutine.close of a suspended leader closes this slot: see
-   * lsf__guard_close. The main thread cannot be closed so it goes without
-   * (its guard is passed as a light userdata). */
-  if (lua_type(L, 3) == LUA_TUSERDATA) {
-    ((lsf_guard *)lua_touserdata(L, 3))->marks++;
+  if (base == 4) { /* a coroutine's guard in slot 3 */
+    gd->marks++;
     lua_toclose(L, 3);
   }
 #endif
+  (void)gd;
   return LSF_KCALL(lead_k, L,
-                   lua_pcallk(L, nargs, 2, 5, 0, LSF_K(lead_k)), 0);
+                   lua_pcallk(L, lua_gettop(L) - base, 2, 1,
+                              LEAD_CTX(gd, base), LSF_K(lead_k)),
+                   LEAD_CTX(gd, base));
 }
 
-/* lead(g, key, guard, call, fn, ...): run fn as the leader of call. */
+/* lead(g, key, guard, call, fn, ...): run fn as the leader of call, the
+ * innermost call of guard. */
 static int lsf_lead(lua_State *L) {
-  to_guard(L, 3);
-  check_call(L, 4);
-  lua_rawgeti(L, UV_HOOKS, HOOK_MSGH);
-  lsf_insertn(L, 5, 1);
-  return lead_run(L);
+  lsf_guard *gd = to_guard(L, 3);
+  sf_call *c = check_call(L, 4);
+  luaL_argcheck(L, gd->height > 0 && gd->stack[gd->height - 1] == c, 4,
+                "not the guard's innermost call");
+  lua_remove(L, 4); /* g key guard fn ... */
+  return lead_run(L, gd, 4);
 }
 
 /*
@@ -593,29 +618,37 @@ static int lsf_lead(lua_State *L) {
  * layer's join hook.
  */
 static int lsf_call(lua_State *L) {
-  sf_group *g = check_group(L, 1, 1, "call");
+  lsf_group *ug = (lsf_group *)lua_touserdata(L, 1);
+  sf_group *g = ug && lua_rawlen(L, 1) == sizeof *ug && ug->tag == &group_tag
+                && ug->g ? ug->g : check_group(L, 1, 1, "call");
   size_t len;
-  const char *key = check_key(L, 2, &len, 1, 1, "call");
+  /* a string, or a number turned into one in place, as check_key does */
+  const char *key = lua_tolstring(L, 2, &len);
+  if (!key)
+    key = check_key(L, 2, &len, 1, 1, "call"); /* raises */
+  lsf_ctx *cx = (lsf_ctx *)lua_touserdata(L, UV_CTX);
   lsf_guard *gd;
   sf_call *c;
-  int st;
+  int st, main;
   check_fn(L, 3, 1, 2, "call");
-  if (lua_pushthread(L)) {
-    /* the main thread lives as long as the state: its guard is cached and
-     * rides along as a light userdata */
-    lsf_ctx *cx = (lsf_ctx *)lua_touserdata(L, UV_CTX);
+  main = L == cx->main_L;
+  if (!main) {
+    main = lua_pushthread(L);
     lua_pop(L, 1);
+    if (main)
+      cx->main_L = L;
+  }
+  if (main) {
+    /* the main thread lives as long as the state: its guard is cached */
     gd = cx->main_guard;
     if (!gd) {
       gd = cx->main_guard = guard_push(L);
       lua_pop(L, 1);
     }
-    lua_pushlightuserdata(L, gd);
   } else {
-    lua_pop(L, 1);
     gd = guard_push(L);
   }
-  st = sf_acquire(g, key, len, domain_of(L), gd->id, SF_ACQ_COUNT_CALL, &c);
+  st = sf_acquire(g, key, len, (uintptr_t)cx, gd->id, SF_ACQ_COUNT_CALL, &c);
   if (st == SF_LEADER) {
     if (guard_add(gd, c) != 0) {
       int shared;
@@ -623,12 +656,13 @@ static int lsf_call(lua_State *L) {
       sf_finish(c, 0, &shared, &nlocal);
       return raise_nomem(L);
     }
-    lua_pushlightuserdata(L, c);
-    lua_rawgeti(L, UV_HOOKS, HOOK_MSGH);
-    lsf_insertn(L, 3, 3); /* g key guard call msgh fn args... */
-    return lead_run(L);
+    if (main)
+      return lead_run(L, gd, 3); /* msgh key fn args... */
+    lua_insert(L, 3);           /* msgh key guard fn args... */
+    return lead_run(L, gd, 4);
   }
-  lua_pop(L, 1); /* the guard */
+  if (!main)
+    lua_pop(L, 1); /* the guard */
   if (st == SF_RECURSIVE)
     return raise_recursive(L, key, len);
   if (st != SF_JOINED && st != SF_FOREIGN)
