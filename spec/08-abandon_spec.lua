@@ -247,8 +247,9 @@ describe("a leader that finished", function()
 end)
 
 -- Regression: LuaJIT spun for ever when a collected leader's finalizer
--- woke its waiters through a compiled pairs() loop. Run in a child process
--- with hotloop=1, which made every round of it hang, under a hang guard.
+-- woke its waiters through a compiled pairs() loop, the library's own or
+-- one in a backend's wake. Run in a child process with hotloop=1, which
+-- made every round of it hang, under a hang guard.
 describe("abandonment reported from a finalizer under LuaJIT's JIT", function()
   it("wakes the waiters and returns", function()
     local jit = rawget(_G, "jit")
@@ -264,9 +265,15 @@ describe("abandonment reported from a finalizer under LuaJIT's JIT", function()
       jit.opt.start("hotloop=1")
       local singleflight = require "singleflight"
       local custom = {
-        new = function() return {} end,
+        new = function() return { waiting = true } end,
         wait = function() coroutine.yield() end,
-        wake = function() end,
+        wake = function(obj)
+          local n = 0
+          for _ in pairs(obj) do
+            n = n + 1
+          end
+          return n
+        end,
       }
       local function round(backend, nwait)
         local g = singleflight.new { backend = backend }

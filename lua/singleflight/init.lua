@@ -194,6 +194,22 @@ local function in_yieldable_coroutine()
   return false, "the running coroutine cannot yield here"
 end
 
+-- LuaJIT (2.1.0-beta3) can spin for ever when a __gc finalizer enters a
+-- pairs() loop compiled earlier, and a collected leader's guard reports
+-- abandonment from its finalizer: wake_all and every backend's wake run
+-- there, so they stay interpreted (the JIT can't be switched off from
+-- inside a finalizer).
+local interpreted = function() end
+do
+  local jit = rawget(_G, "jit")
+  if type(jit) == "table" and type(jit.off) == "function" then
+    local jit_off = jit.off
+    interpreted = function(f)
+      pcall(jit_off, f) -- refused for C functions, which need nothing
+    end
+  end
+end
+
 local backends = {}
 
 backends.none = {
@@ -221,6 +237,7 @@ local function get_backend(name)
   local be = backends[name]
   if be == nil and lazy_backends[name] then
     be = require("singleflight.backend." .. name)
+    interpreted(be.wake)
     backends[name] = be
   end
   return be
@@ -296,6 +313,7 @@ local function check_backend_table(fname, be)
       option_error(fname, "backend", sfmt("backend field '%s' must be a function", f), 2)
     end
   end
+  interpreted(be.wake)
 end
 
 local function check_options(fname, argn, opts)
@@ -475,15 +493,8 @@ local function on_abandon(c)
   end
 end
 
--- LuaJIT (2.1.0-beta3) can spin for ever in a compiled pairs() loop
--- entered from a __gc finalizer, which is where a collected leader's guard
--- reports abandonment: keep wake_all interpreted.
-do
-  local jit = rawget(_G, "jit")
-  if type(jit) == "table" and type(jit.off) == "function" then
-    jit.off(wake_all)
-  end
-end
+-- wake_all runs from a __gc finalizer too (see interpreted).
+interpreted(wake_all)
 
 local function leader_done(self, skey, c, guard, ok, v, err)
   local shared, nlocal, nforeign = finish(c, guard, ok)
