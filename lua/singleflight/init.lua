@@ -398,29 +398,44 @@ local function wait_failed(rec, be, c, skey, e)
   error(e, 0)
 end
 
-local function wait_local(opts, c, skey, deadline)
-  local be = resolve_backend(opts.backend)
+-- Why the running coroutine can't wait through be, or nil when it can.
+local function cannot_wait(be, skey)
   local can, why = true, nil
   if be.can_wait then
     can, why = be.can_wait()
   end
   if not can then
+    return sfmt("singleflight: cannot wait for key %s: %s", quote(skey),
+                why or "the backend cannot wait here")
+  end
+end
+
+-- Counts one more waiter through be on holder (a call's local record or a
+-- future) and returns be's wait object for it.
+local function enlist(holder, be)
+  local obj = holder.objs[be]
+  if obj == nil then
+    obj = be.new and be.new() or true
+    holder.objs[be] = obj
+    holder.counts[be] = 0
+  end
+  holder.counts[be] = holder.counts[be] + 1
+  return obj
+end
+
+local function wait_local(opts, c, skey, deadline)
+  local be = resolve_backend(opts.backend)
+  local why = cannot_wait(be, skey)
+  if why then
     unjoin(c)
-    error(sfmt("singleflight: cannot wait for key %s: %s", quote(skey),
-               why or "the backend cannot wait here"), 0)
+    error(why, 0)
   end
   local rec = locals[c]
   if not rec then
     rec = { objs = {}, counts = {}, n = 0 }
     locals[c] = rec
   end
-  local obj = rec.objs[be]
-  if obj == nil then
-    obj = be.new and be.new() or true
-    rec.objs[be] = obj
-    rec.counts[be] = 0
-  end
-  rec.counts[be] = rec.counts[be] + 1
+  local obj = enlist(rec, be)
   rec.n = rec.n + 1
   while not rec.done and not rec.abandoned do
     local remaining
@@ -570,13 +585,7 @@ Future.__index = Future
 -- Waits through `be` until holder.done or the deadline; holder keeps the
 -- wait objects, as a call's local record does.
 local function wait_holder(be, holder, deadline)
-  local obj = holder.objs[be]
-  if obj == nil then
-    obj = be.new and be.new() or true
-    holder.objs[be] = obj
-    holder.counts[be] = 0
-  end
-  holder.counts[be] = holder.counts[be] + 1
+  local obj = enlist(holder, be)
   while not holder.done do
     local remaining
     if deadline then
@@ -615,13 +624,9 @@ function Future:wait(timeout)
   end
   if not self.done then
     local be = self.backend
-    local can, why = true, nil
-    if be.can_wait then
-      can, why = be.can_wait()
-    end
-    if not can then
-      error(sfmt("singleflight: cannot wait for key %s: %s", quote(self.key),
-                 why or "the backend cannot wait here"), 0)
+    local why = cannot_wait(be, self.key)
+    if why then
+      error(why, 0)
     end
     if not wait_holder(be, self, timeout and now() + timeout) then
       return nil, TIMEOUT, false
