@@ -13,19 +13,7 @@ local function new_group(opts)
   return singleflight.new(opts)
 end
 
--- A leader in flight: a coroutine running g:call(key, fn) suspended inside
--- fn until gate.open(); returns the task and the gate.
-local function hold(s, g, key, result)
-  local gate = helpers.gate()
-  local task = s.go(function()
-    return g:call(key, function()
-      gate.wait()
-      return result
-    end)
-  end)
-  s.resume(task.co)
-  return task, gate
-end
+local hold = helpers.hold
 
 describe("g:call, ported from Go's x/sync singleflight tests", function()
   it("TestDo", function()

@@ -12,19 +12,7 @@ do
   end
 end
 
--- Starts a leader for key in a new task of s; it stays inside fn until the
--- returned gate opens.
-local function hold(s, g, key, result)
-  local gate = helpers.gate()
-  local task = s.go(function()
-    return g:call(key, function()
-      gate.wait()
-      return result
-    end)
-  end)
-  s.resume(task.co)
-  return task, gate
-end
+local hold = helpers.hold
 
 -- A custom backend on a round-robin scheduler, logging what it is asked.
 local function logging_backend(extra)

@@ -149,4 +149,18 @@ helpers.lua51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 helpers.lua54 = _VERSION == "Lua 5.4"
 helpers.integers = math.type ~= nil
 
+-- A leader in flight: a task of scheduler s running g:call(key, fn),
+-- suspended inside fn until gate.open(). Returns the task and the gate.
+function helpers.hold(s, g, key, result)
+  local gate = helpers.gate()
+  local task = s.go(function()
+    return g:call(key, function()
+      gate.wait()
+      return result
+    end)
+  end)
+  s.resume(task.co)
+  return task, gate
+end
+
 return helpers
