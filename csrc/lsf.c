@@ -499,18 +499,38 @@ static int lsf_acquire(lua_State *L) {
   }
 }
 
-/* finish(call, guard, ok) -> shared, nlocal, nforeign */
+/*
+ * finish(call, guard, key, ok, v, err) -> v, err, shared
+ * The leader's fn returned (ok) or raised (v is the panic): ends the call
+ * and, when someone waits, hands over to the Lua layer's leader hook, which
+ * returns the results or raises the panic. Lua 5.1 and LuaJIT only; 5.2+
+ * do this in lead_k.
+ */
 static int lsf_finish(lua_State *L) {
   sf_call *c = check_call(L, 1);
   lsf_guard *gd = to_guard(L, 2);
+  int ok = lua_toboolean(L, 4);
   int shared;
   unsigned nlocal, nforeign;
   guard_remove(gd, c);
-  nforeign = sf_finish(c, !lua_toboolean(L, 3), &shared, &nlocal);
+  nforeign = sf_finish(c, !ok, &shared, &nlocal);
+  lua_settop(L, 6);
+  if (ok && nlocal == 0 && nforeign == 0) {
+    lua_pushboolean(L, shared);
+    return 3;
+  }
+  lua_rawgeti(L, UV_HOOKS, HOOK_LEADER);
+  lua_pushnil(L);
+  lua_pushvalue(L, 3);
+  lua_pushlightuserdata(L, c);
+  lua_pushboolean(L, ok);
   lua_pushboolean(L, shared);
   lua_pushinteger(L, (lua_Integer)nlocal);
   lua_pushinteger(L, (lua_Integer)nforeign);
-  return 3;
+  lua_pushvalue(L, 5);
+  lua_pushvalue(L, 6);
+  lua_call(L, 9, LUA_MULTRET);
+  return lua_gettop(L) - 6;
 }
 
 static int lsf_unjoin(lua_State *L) {

@@ -511,16 +511,9 @@ end
 -- wake_all runs from a __gc finalizer too (see interpreted).
 interpreted(wake_all)
 
-local function leader_done(self, skey, c, guard, ok, v, err)
-  local shared, nlocal, nforeign = finish(c, guard, ok)
-  if ok and nlocal == 0 and nforeign == 0 then
-    return v, err, shared
-  end
-  return leader_slow(self, skey, c, ok, shared, nlocal, nforeign, v, err)
-end
 
-local lead = core.lead or function(self, skey, guard, c, fn, ...)
-  return leader_done(self, skey, c, guard, run(fn, ...))
+local lead = core.lead or function(_, skey, guard, c, fn, ...)
+  return finish(c, guard, skey, run(fn, ...))
 end
 
 -- A caller that gave up waiting and runs fn itself, unshared.
@@ -724,10 +717,16 @@ local methods = core.methods
 if core.has_c_call then
   methods.call = core.call
 else
-  methods.call = function(self, key, fn, ...)
+  methods.call = LUA51 and function(self, key, fn, ...)
     local st, c, guard, skey = acquire(self, key, fn, true)
     if st == LEADER then
-      return leader_done(self, skey, c, guard, run(fn, ...))
+      return finish(c, guard, skey, run(fn, ...))
+    end
+    return join(self, st, c, skey, fn, ...)
+  end or function(self, key, fn, ...) -- LuaJIT: xpcall passes arguments on
+    local st, c, guard, skey = acquire(self, key, fn, true)
+    if st == LEADER then
+      return finish(c, guard, skey, xpcall(fn, msgh, ...))
     end
     return join(self, st, c, skey, fn, ...)
   end
