@@ -99,9 +99,10 @@ describe("OpenResty", function()
       assert.is_number(gap)
       worst = math.max(worst, gap)
     end
-    -- from the leader's return to each waiter's; a poll would show its
-    -- interval here. Generous: ngx.now() has millisecond steps.
-    assert.is_true(worst < 50, "slowest waiter answered " .. worst .. " ms late")
+    -- from the leader's return to each waiter's, in one event loop. The
+    -- proof of no polling is the count of waits above and below; this bound
+    -- is only a generous guard against a waiter that sleeps its way back.
+    assert.is_true(worst < 500, "slowest waiter answered " .. worst .. " ms late")
     assert.equal(29, stats(port).waits)
   end)
 
