@@ -210,11 +210,22 @@ static int raise_nomem(lua_State *L) {
 static void guard_abandon_from(lua_State *L, lsf_guard *gd, int from);
 
 /* Pushes the guard of the running coroutine, making it on first use. */
-static lsf_guard *guard_push(lua_State *L) {
-  lsf_guard *gd;
+/* Pushes the running coroutine's guard, or nil while it has none. */
+static lsf_guard *guard_peek(lua_State *L) {
   lua_pushthread(L);
   lua_rawget(L, UV_GUARDS);
-  gd = (lsf_guard *)lua_touserdata(L, -1);
+  return (lsf_guard *)lua_touserdata(L, -1);
+}
+
+/* The owner to give sf_acquire: the guard's id or, for a coroutine that has
+ * led nothing yet, the id its guard will get if it leads now. Only leaders
+ * get a guard: a stampede's duplicates make none. */
+static uintptr_t owner_of(lua_State *L, const lsf_guard *gd) {
+  return gd ? gd->id : ((lsf_ctx *)lua_touserdata(L, UV_CTX))->next_id + 1;
+}
+
+static lsf_guard *guard_push(lua_State *L) {
+  lsf_guard *gd = guard_peek(L);
   if (gd)
     return gd;
   lua_pop(L, 1);
@@ -464,10 +475,14 @@ static int lsf_acquire(lua_State *L) {
   int st;
   check_fn(L, 3, 2, 2, "call");
   lua_settop(L, 2);
-  gd = guard_push(L); /* 3 */
-  st = sf_acquire(g, key, len, domain_of(L), gd->id, flags, &c);
+  gd = guard_peek(L); /* 3: the guard, or nil */
+  st = sf_acquire(g, key, len, domain_of(L), owner_of(L, gd), flags, &c);
   switch (st) {
   case SF_LEADER:
+    if (!gd) {
+      lua_pop(L, 1);
+      gd = guard_push(L); /* 3, with the id acquire was given */
+    }
     if (guard_add(gd, c) != 0) {
       int shared;
       unsigned nlocal;
@@ -666,10 +681,15 @@ static int lsf_call(lua_State *L) {
       lua_pop(L, 1);
     }
   } else {
-    gd = guard_push(L);
+    gd = guard_peek(L); /* the guard, or nil */
   }
-  st = sf_acquire(g, key, len, (uintptr_t)cx, gd->id, SF_ACQ_COUNT_CALL, &c);
+  st = sf_acquire(g, key, len, (uintptr_t)cx, owner_of(L, gd),
+                  SF_ACQ_COUNT_CALL, &c);
   if (st == SF_LEADER) {
+    if (!gd) {
+      lua_pop(L, 1);
+      gd = guard_push(L); /* with the id acquire was given */
+    }
     if (guard_add(gd, c) != 0) {
       int shared;
       unsigned nlocal;

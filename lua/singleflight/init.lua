@@ -223,6 +223,9 @@ backends.none = {
 
 backends.coroutine = {
   name = "coroutine",
+  -- its can_wait is exact where coroutine.isyieldable exists (5.3+,
+  -- LuaJIT): then its wait can't fail, and goes unprotected
+  never_fails = co_isyieldable ~= nil,
   wait = function()
     co_yield()
   end,
@@ -445,9 +448,13 @@ local function wait_local(opts, c, skey, deadline)
         break
       end
     end
-    local ok, e = pwait(be.wait, obj, remaining)
-    if not ok then
-      wait_failed(rec, be, c, skey, e)
+    if be.never_fails then
+      be.wait(obj, remaining)
+    else
+      local ok, e = pwait(be.wait, obj, remaining)
+      if not ok then
+        wait_failed(rec, be, c, skey, e)
+      end
     end
   end
   rec.counts[be] = rec.counts[be] - 1
