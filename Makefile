@@ -61,9 +61,11 @@ test: deps
 	@$(MAKE) --no-print-directory check
 
 check: build lint specs rockspec-check $(CHECK_EXTRA)
+	@echo "check: every step passed; specs: $$(cat $(BUILD)/specs-summary)"
+	@echo "specs: $$(cat $(BUILD)/specs-summary)"
 
 specs: build
-	@sh tools/run-specs.sh "$(BUSTED)" $(LUA_VERSIONS)
+	@SPECS_SUMMARY=$(BUILD)/specs-summary sh tools/run-specs.sh "$(BUSTED)" $(LUA_VERSIONS)
 
 lint:
 	$(LUACHECK) $(wildcard lua spec bench tools *.lua)

@@ -28,4 +28,7 @@ END
   rm -f "$out"
 done
 echo "specs: $passed passed, $failed failed"
+if [ -n "$SPECS_SUMMARY" ]; then
+  echo "$passed passed, $failed failed" >"$SPECS_SUMMARY"
+fi
 exit $status
