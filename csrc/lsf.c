@@ -514,6 +514,25 @@ static int lsf_acquire(lua_State *L) {
   }
 }
 
+/* Pushes the Lua layer's leader hook and its arguments (key, call, ok,
+ * shared, nlocal, nforeign, v, err), v and err being the two values on top
+ * of the stack: the leader finished and someone waits. Returns the number
+ * of arguments. */
+static int push_leader_hook(lua_State *L, int key, sf_call *c, int ok,
+                            int shared, unsigned nlocal, unsigned nforeign) {
+  int top = lua_gettop(L);
+  lua_rawgeti(L, UV_HOOKS, HOOK_LEADER);
+  lua_pushvalue(L, key);
+  lua_pushlightuserdata(L, c);
+  lua_pushboolean(L, ok);
+  lua_pushboolean(L, shared);
+  lua_pushinteger(L, (lua_Integer)nlocal);
+  lua_pushinteger(L, (lua_Integer)nforeign);
+  lua_pushvalue(L, top - 1);
+  lua_pushvalue(L, top);
+  return 8;
+}
+
 /*
  * finish(call, guard, key, ok, v, err) -> v, err, shared
  * The leader's fn returned (ok) or raised (v is the panic): ends the call
@@ -534,17 +553,8 @@ static int lsf_finish(lua_State *L) {
     lua_pushboolean(L, shared);
     return 3;
   }
-  lua_rawgeti(L, UV_HOOKS, HOOK_LEADER);
-  lua_pushnil(L);
-  lua_pushvalue(L, 3);
-  lua_pushlightuserdata(L, c);
-  lua_pushboolean(L, ok);
-  lua_pushboolean(L, shared);
-  lua_pushinteger(L, (lua_Integer)nlocal);
-  lua_pushinteger(L, (lua_Integer)nforeign);
-  lua_pushvalue(L, 5);
-  lua_pushvalue(L, 6);
-  lua_call(L, 9, LUA_MULTRET);
+  lua_call(L, push_leader_hook(L, 3, c, ok, shared, nlocal, nforeign),
+           LUA_MULTRET);
   return lua_gettop(L) - 6;
 }
 
@@ -602,19 +612,8 @@ LSF_KFUNC(lead_k) {
   if (!ok)
     lua_pushnil(L); /* the panic, nil */
   top = lua_gettop(L);
-  /* hand over to the Lua layer: leader(nil, key, call, ok, shared, nlocal,
-   * nforeign, v, err); its first argument is unused */
-  lua_rawgeti(L, UV_HOOKS, HOOK_LEADER);
-  lua_pushnil(L);
-  lua_pushvalue(L, 2);
-  lua_pushlightuserdata(L, c);
-  lua_pushboolean(L, ok);
-  lua_pushboolean(L, shared);
-  lua_pushinteger(L, (lua_Integer)nlocal);
-  lua_pushinteger(L, (lua_Integer)nforeign);
-  lua_pushvalue(L, top - 1);
-  lua_pushvalue(L, top);
-  lua_callk(L, 9, LUA_MULTRET, top, LSF_K(results_k));
+  lua_callk(L, push_leader_hook(L, 2, c, ok, shared, nlocal, nforeign),
+            LUA_MULTRET, top, LSF_K(results_k));
   return LSF_KCALL(results_k, L, LUA_OK, top);
 }
 

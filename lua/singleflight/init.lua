@@ -475,7 +475,7 @@ end
 -- The leader's side
 
 -- Called when the leader's fn returned or raised and someone is waiting.
-local function leader_slow(_, skey, c, ok, shared, nlocal, nforeign, v, err)
+local function leader_slow(skey, c, ok, shared, nlocal, nforeign, v, err)
   local p
   if not ok then
     p = v
