@@ -108,7 +108,8 @@ end
 local function wakeup_gate(copas)
   local g = { opened = false, cos = {} }
   function g.wait()
-    local current = copas.current_thread or require("singleflight")._running
+    local sf = require "singleflight"
+    local current = copas.current_thread or sf.running or sf._running
     g.cos[#g.cos + 1] = current()
     while not g.opened do
       copas.pauseforever()
