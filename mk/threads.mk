@@ -19,6 +19,9 @@ CTEST_BUILD ?= $(BUILD)/ctest
 
 test-helpers: $(THREADS_MODULES)
 specs: $(THREADS_MODULES)
+# `make` builds them too, so that a bare `busted` after it finds them in
+# build/<v>/ (see .busted).
+build: $(THREADS_MODULES)
 
 $(BUILD)/%/sfthreads.so: ctest/sfthreads.c
 	@mkdir -p $(dir $@)
