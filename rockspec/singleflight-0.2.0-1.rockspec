@@ -1,0 +1,39 @@
+rockspec_format = "3.0"
+package = "singleflight"
+version = "0.2.0-1"
+source = {
+  url = "git+https://example.invalid/singleflight.git",
+  tag = "v0.2.0",
+}
+description = {
+  summary = "Duplicate-call suppression for Lua and OpenResty, with a C core",
+  detailed = [[
+While a call for a key is in flight, every other caller of that key waits
+for it and shares its result or its error, as Go's singleflight does for
+goroutines. Works on Lua 5.1 to 5.4 and LuaJIT (OpenResty included), for one
+Lua state or for every state in the process.
+]],
+  homepage = "https://example.invalid/singleflight",
+  license = "MIT",
+  labels = { "cache", "concurrency", "openresty" },
+}
+dependencies = {
+  "lua >= 5.1, < 5.5",
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["singleflight"] = "lua/singleflight/init.lua",
+    ["singleflight.backend.ngx"] = "lua/singleflight/backend/ngx.lua",
+    ["singleflight.backend.cqueues"] = "lua/singleflight/backend/cqueues.lua",
+    ["singleflight.backend.copas"] = "lua/singleflight/backend/copas.lua",
+    ["singleflight.core"] = {
+      sources = { "csrc/sf_core.c", "csrc/lsf.c" },
+      incdirs = { "csrc" },
+      libraries = { "pthread" },
+    },
+  },
+}
+test = {
+  type = "busted",
+}
