@@ -87,7 +87,7 @@ static int do_call(sf_group *g, const char *key, size_t len, uintptr_t self,
     }
     if (st != SF_FOREIGN)
       die("unexpected acquire status");
-    st = sf_wait(c, -1, &payload);
+    st = sf_wait(c, -1, 0, &payload);
     sf_release(c);
     if (st == SF_DONE)
       return 0;

@@ -10,11 +10,7 @@
 
 #if LUA_VERSION_NUM < 502
 /* 5.1 and LuaJIT */
-#define LSF_HAVE_PCALLK 0
-#define lua_rawlen(L, i) lua_objlen((L), (i))
-#define lua_setuservalue(L, i) lua_setfenv((L), (i))
-#define lua_getuservalue(L, i) lua_getfenv((L), (i))
-static void lsf_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
+static inline void lsf_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
   luaL_checkstack(L, nup, "too many upvalues");
   for (; l->name; l++) {
     int i;
@@ -26,26 +22,29 @@ static void lsf_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
   lua_pop(L, nup);
 }
 #define luaL_setfuncs(L, l, n) lsf_setfuncs((L), (l), (n))
-#else
-#define LSF_HAVE_PCALLK 1
-#endif
-
-#if LUA_VERSION_NUM == 502
-typedef int lua_KContext;
-#define LSF_KFUNC(name) \
-  static int name##_(lua_State *L, int status, lua_KContext ctx); \
-  static int name(lua_State *L) { \
-    int ctx = 0; \
-    int status = lua_getctx(L, &ctx); \
-    return name##_(L, status, ctx); \
-  } \
-  static int name##_(lua_State *L, int status, lua_KContext ctx)
-#define LSF_K(name) name
-#define LSF_KCALL(name, L, status, ctx) name##_((L), (status), (ctx))
-#elif LUA_VERSION_NUM >= 503
-#define LSF_KFUNC(name) static int name(lua_State *L, int status, lua_KContext ctx)
-#define LSF_K(name) name
-#define LSF_KCALL(name, L, status, ctx) name((L), (status), (ctx))
+/* tostring(v) as 5.2's luaL_tolstring: __tostring, or a default text */
+static inline const char *lsf_tolstring(lua_State *L, int idx, size_t *len) {
+  if (!luaL_callmeta(L, idx, "__tostring")) {
+    switch (lua_type(L, idx)) {
+    case LUA_TNUMBER:
+    case LUA_TSTRING:
+      lua_pushvalue(L, idx);
+      break;
+    case LUA_TBOOLEAN:
+      lua_pushstring(L, lua_toboolean(L, idx) ? "true" : "false");
+      break;
+    case LUA_TNIL:
+      lua_pushliteral(L, "nil");
+      break;
+    default:
+      lua_pushfstring(L, "%s: %p", luaL_typename(L, idx),
+                      lua_topointer(L, idx));
+      break;
+    }
+  }
+  return lua_tolstring(L, -1, len);
+}
+#define luaL_tolstring(L, i, len) lsf_tolstring((L), (i), (len))
 #endif
 
 #if LUA_VERSION_NUM >= 503
@@ -60,17 +59,5 @@ typedef int lua_KContext;
 #define LSF_HAVE_TOCLOSE 0
 #endif
 
-#if LSF_HAVE_PCALLK
-/* Moves the top n values to index idx, shifting the rest up. */
-static void lsf_insertn(lua_State *L, int idx, int n) {
-#if LUA_VERSION_NUM >= 503
-  lua_rotate(L, idx, n);
-#else
-  int i;
-  for (i = 0; i < n; i++) /* each insert puts the next one in front */
-    lua_insert(L, idx);
-#endif
-}
-#endif
 
 #endif

@@ -10,7 +10,12 @@
  * which takes one reference on the group when it gets its first live
  * record and keeps it until the group has no handle left (see "group
  * lifetime" below), so threads on different shards share no written line.
- * Process-wide groups are found by name in a registry with its own lock.
+ * Process-wide groups are found by name in a registry, a hash table with
+ * its own lock.
+ *
+ * Every holder of a call (its leader, each joiner of any domain) holds one
+ * reference on the record: a record is reused or freed only once nobody
+ * can touch it any more.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -28,11 +33,9 @@
 #define SF_FREE_MAX 64         /* records kept on each shard's free list */
 #define SF_MIN_BUCKETS 8
 #define SF_CACHE_LINE 64
+#define SF_REG_MIN 64          /* buckets of the registry, at least */
 
-enum { ST_RUNNING, ST_CLOSING, ST_DONE, ST_ABANDONED };
-
-/* 104 bytes on LP64 (a 112-byte malloc chunk), the key included when it
- * fits in the record. */
+/* 112 bytes on LP64, the key included when it fits in the record. */
 struct sf_call {
   sf_call *next;         /* bucket chain, or free list */
   sf_group *group;
@@ -40,14 +43,16 @@ struct sf_call {
   uintptr_t owner;       /* the leader's */
   void *payload;
   sf_free_fn freefn;
+  double started;        /* sf_coarse_now() at acquire */
   uint32_t len;          /* keys of 4 GiB and more are refused */
   uint32_t hash;         /* picks the shard (top bits) and the bucket */
-  uint32_t refs;         /* leader + foreign joiners */
+  uint32_t refs;         /* leader + every joiner */
   uint32_t dups;         /* joiners, every domain */
   uint32_t nlocal;       /* joiners from the leader's domain */
   uint32_t foreign;      /* foreign joiners still waiting */
-  uint8_t state;
+  uint8_t state;         /* SF_RUNNING, SF_DONE or SF_ABANDONED */
   uint8_t linked;        /* in its shard's table */
+  uint8_t expired;       /* see sf_expire */
   union {
     char inl[SF_INLINE_KEY]; /* len <= SF_INLINE_KEY */
     char *heap;              /* otherwise */
@@ -74,14 +79,17 @@ struct sf_group {
   unsigned nshards;      /* a power of two, at most 256 */
   char *name;            /* NULL unless process-wide */
   size_t namelen;
-  sf_group *reg_next;
+  uint32_t namehash;
+  sf_group *reg_next;    /* registry bucket chain */
   sf_shard *shards;
 };
 
 /* ---- the registry of process-wide groups ---- */
 
 static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
-static sf_group *registry;
+static sf_group **registry;     /* buckets, a power of two of them */
+static size_t registry_nbuckets;
+static size_t registry_count;
 
 /* ---- helpers ---- */
 
@@ -255,11 +263,18 @@ static void group_unref(sf_group *g, unsigned n) {
   if (g->name) {
     sf_group **p;
     pthread_mutex_lock(&registry_mu);
-    for (p = &registry; *p; p = &(*p)->reg_next) {
+    p = &registry[g->namehash & (registry_nbuckets - 1)];
+    for (; *p; p = &(*p)->reg_next) {
       if (*p == g) {
         *p = g->reg_next;
+        registry_count--;
         break;
       }
+    }
+    if (registry_count == 0) { /* no named group left: nothing to keep */
+      free(registry);
+      registry = NULL;
+      registry_nbuckets = 0;
     }
     pthread_mutex_unlock(&registry_mu);
   }
@@ -272,11 +287,39 @@ sf_group *sf_group_new(unsigned flags) {
   return group_alloc(flags & SF_SINGLE_THREAD, 1);
 }
 
+/* Doubles the registry's buckets, under its lock; a failed allocation
+ * leaves longer chains. */
+static void registry_grow(void) {
+  size_t n = registry_nbuckets ? registry_nbuckets * 2 : SF_REG_MIN, i;
+  sf_group **nb = calloc(n, sizeof *nb);
+  if (!nb)
+    return;
+  for (i = 0; i < registry_nbuckets; i++) {
+    sf_group *g = registry[i], *next;
+    for (; g; g = next) {
+      next = g->reg_next;
+      g->reg_next = nb[g->namehash & (n - 1)];
+      nb[g->namehash & (n - 1)] = g;
+    }
+  }
+  free(registry);
+  registry = nb;
+  registry_nbuckets = n;
+}
+
 sf_group *sf_group_open(const char *name, size_t len) {
   sf_group *g;
+  uint32_t hash = hash_bytes(name, len);
   pthread_mutex_lock(&registry_mu);
-  for (g = registry; g; g = g->reg_next) {
-    if (g->namelen == len && memcmp(g->name, name, len) == 0) {
+  if (registry_count >= registry_nbuckets)
+    registry_grow();
+  if (!registry) {
+    pthread_mutex_unlock(&registry_mu);
+    return NULL;
+  }
+  for (g = registry[hash & (registry_nbuckets - 1)]; g; g = g->reg_next) {
+    if (g->namehash == hash && g->namelen == len &&
+        memcmp(g->name, name, len) == 0) {
       /* A group whose count reached zero is on its way out: skip it. One
        * with calls in flight and no handle lives on: take it back. */
       unsigned r = atomic_load(&g->refs);
@@ -296,20 +339,18 @@ sf_group *sf_group_open(const char *name, size_t len) {
       group_destroy(g);
       g = NULL;
     } else {
+      sf_group **b = &registry[hash & (registry_nbuckets - 1)];
       memcpy(g->name, name, len);
       g->name[len] = '\0';
       g->namelen = len;
-      g->reg_next = registry;
-      registry = g;
+      g->namehash = hash;
+      g->reg_next = *b;
+      *b = g;
+      registry_count++;
     }
   }
   pthread_mutex_unlock(&registry_mu);
   return g;
-}
-
-void sf_group_retain(sf_group *g) {
-  atomic_fetch_add(&g->refs, 1);
-  atomic_fetch_add(&g->handles, 1);
 }
 
 void sf_group_release(sf_group *g) {
@@ -328,6 +369,13 @@ void sf_group_release(sf_group *g) {
     }
   }
   group_unref(g, 1 + drop);
+}
+
+size_t sf_group_footprint(const sf_group *g) {
+  size_t n = sizeof *g + g->namelen + 1, i;
+  for (i = 0; i < g->nshards; i++)
+    n += sizeof g->shards[i] + g->shards[i].nbuckets * sizeof(sf_call *);
+  return n;
 }
 
 const char *sf_group_name(const sf_group *g, size_t *len) {
@@ -445,15 +493,16 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   if (c) {
     if (c->domain == domain && c->owner == owner) {
       shard_unlock(g, sh);
+      *out = c;
       return SF_RECURSIVE;
     }
     c->dups++;
+    c->refs++;
     stat_add(sh, SF_STAT_SHARED);
     if (c->domain == domain) {
       c->nlocal++;
       status = SF_JOINED;
     } else {
-      c->refs++;
       c->foreign++;
       status = SF_FOREIGN;
     }
@@ -490,10 +539,12 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   c->owner = owner;
   c->payload = NULL;
   c->freefn = NULL;
+  c->started = sf_coarse_now();
   c->refs = 1;
   c->dups = c->nlocal = c->foreign = 0;
-  c->state = ST_RUNNING;
+  c->state = SF_RUNNING;
   c->linked = 1;
+  c->expired = 0;
   c->next = *bucket_of(sh, hash);
   *bucket_of(sh, hash) = c;
   if (++sh->count > sh->nbuckets)
@@ -509,22 +560,91 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   return SF_LEADER;
 }
 
-void sf_unjoin(sf_call *c) {
+/* Drops a reference under the shard lock, taken here, then disposes of
+ * what must go outside it. */
+static void call_release(sf_call *c, int unjoin, int timedout,
+                         uintptr_t domain) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
+  sf_call *dead;
+  int last, unref;
+
   shard_lock(g, sh);
-  c->dups--;
-  c->nlocal--;
-  sh->stats[SF_STAT_SHARED]--;
+  if (unjoin) {
+    c->dups--;
+    sh->stats[SF_STAT_SHARED]--;
+    if (domain != c->domain && c->foreign > 0)
+      c->foreign--;
+  }
+  if ((unjoin || timedout) && domain == c->domain && c->nlocal > 0)
+    c->nlocal--;
+  if (timedout)
+    stat_add(sh, SF_STAT_TIMEOUTS);
+  last = call_unref_locked(g, sh, c, &dead, &unref);
   shard_unlock(g, sh);
+  if (last)
+    call_dispose(g, dead, unref);
+}
+
+void sf_unjoin(sf_call *c, uintptr_t domain) {
+  call_release(c, 1, 0, domain);
 }
 
 void sf_leave(sf_call *c) {
+  call_release(c, 0, 1, c->domain); /* domain: set once, at acquire */
+}
+
+void sf_release(sf_call *c) {
+  call_release(c, 0, 0, 0);
+}
+
+void sf_retain(sf_call *c, int watch) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
   shard_lock(g, sh);
-  stat_add(sh, SF_STAT_TIMEOUTS);
+  c->refs++;
+  if (watch)
+    c->nlocal++;
   shard_unlock(g, sh);
+}
+
+int sf_state(sf_call *c) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  int st;
+  shard_lock(g, sh);
+  st = c->expired ? SF_ABANDONED : c->state;
+  shard_unlock(g, sh);
+  return st;
+}
+
+double sf_age(sf_call *c) {
+  return sf_coarse_now() - c->started; /* set once, before any joiner */
+}
+
+void sf_set_owner(sf_call *c, uintptr_t owner) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  shard_lock(g, sh);
+  c->owner = owner;
+  shard_unlock(g, sh);
+}
+
+int sf_expire(sf_call *c) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  int done = 0;
+  shard_lock(g, sh);
+  if (c->state == SF_RUNNING && c->linked && !c->expired) {
+    table_unlink(sh, c);
+    c->expired = 1;
+    stat_add(sh, SF_STAT_ABANDONED);
+    if (locking(g))
+      pthread_cond_broadcast(&sh->cv);
+    done = 1;
+  }
+  shard_unlock(g, sh);
+  return done;
 }
 
 unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
@@ -540,13 +660,12 @@ unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
   if (panicked)
     stat_add(sh, SF_STAT_PANICS);
   *shared = c->dups > 0;
-  *nlocal = c->nlocal;
-  foreign = c->foreign;
+  /* an expired call's waiters were sent to its successor */
+  *nlocal = c->expired ? 0 : c->nlocal;
+  foreign = c->expired ? 0 : c->foreign;
   if (foreign == 0) {
-    c->state = ST_DONE;
+    c->state = SF_DONE;
     last = call_unref_locked(g, sh, c, &dead, &unref);
-  } else {
-    c->state = ST_CLOSING;
   }
   shard_unlock(g, sh);
   if (last)
@@ -563,7 +682,7 @@ void sf_publish(sf_call *c, void *payload, sf_free_fn freefn) {
   shard_lock(g, sh);
   c->payload = payload;
   c->freefn = freefn;
-  c->state = ST_DONE;
+  c->state = SF_DONE;
   if (locking(g))
     pthread_cond_broadcast(&sh->cv);
   last = call_unref_locked(g, sh, c, &dead, &unref);
@@ -581,8 +700,9 @@ void sf_abandon(sf_call *c) {
   shard_lock(g, sh);
   if (c->linked)
     table_unlink(sh, c);
-  c->state = ST_ABANDONED;
-  stat_add(sh, SF_STAT_ABANDONED);
+  if (!c->expired) /* counted when it expired */
+    stat_add(sh, SF_STAT_ABANDONED);
+  c->state = SF_ABANDONED;
   if (locking(g))
     pthread_cond_broadcast(&sh->cv);
   last = call_unref_locked(g, sh, c, &dead, &unref);
@@ -605,7 +725,7 @@ static void deadline_after(struct timespec *ts, double seconds) {
   }
 }
 
-int sf_wait(sf_call *c, double timeout, void **payload) {
+int sf_wait(sf_call *c, double timeout, unsigned flags, void **payload) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
   struct timespec ts;
@@ -614,18 +734,19 @@ int sf_wait(sf_call *c, double timeout, void **payload) {
   if (timeout >= 0)
     deadline_after(&ts, timeout);
   shard_lock(g, sh);
-  while (c->state == ST_RUNNING || c->state == ST_CLOSING) {
+  while (c->state == SF_RUNNING && !c->expired) {
     int rc = timeout >= 0 ? pthread_cond_timedwait(&sh->cv, &sh->mu, &ts)
                           : pthread_cond_wait(&sh->cv, &sh->mu);
-    if (rc == ETIMEDOUT &&
-        (c->state == ST_RUNNING || c->state == ST_CLOSING)) {
-      c->foreign--;
-      stat_add(sh, SF_STAT_TIMEOUTS);
+    if (rc == ETIMEDOUT && c->state == SF_RUNNING && !c->expired) {
+      if (!(flags & SF_WAIT_KEEP)) {
+        c->foreign--;
+        stat_add(sh, SF_STAT_TIMEOUTS);
+      }
       shard_unlock(g, sh);
       return SF_TIMEDOUT;
     }
   }
-  if (c->state == ST_DONE) {
+  if (c->state == SF_DONE && !c->expired) {
     *payload = c->payload;
     status = SF_DONE;
   } else {
@@ -634,19 +755,6 @@ int sf_wait(sf_call *c, double timeout, void **payload) {
   c->foreign--;
   shard_unlock(g, sh);
   return status;
-}
-
-void sf_release(sf_call *c) {
-  sf_group *g = c->group;
-  sf_shard *sh = call_shard(c);
-  sf_call *dead;
-  int last, unref;
-
-  shard_lock(g, sh);
-  last = call_unref_locked(g, sh, c, &dead, &unref);
-  shard_unlock(g, sh);
-  if (last)
-    call_dispose(g, dead, unref);
 }
 
 int sf_forget(sf_group *g, const char *key, size_t len) {
@@ -699,6 +807,16 @@ sf_group *sf_call_group(const sf_call *c) {
 
 size_t sf_call_footprint(size_t len) {
   return sizeof(sf_call) + (len > SF_INLINE_KEY ? len : 0);
+}
+
+double sf_coarse_now(void) {
+  struct timespec ts;
+#ifdef CLOCK_MONOTONIC_COARSE
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+#else
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 double sf_now(void) {

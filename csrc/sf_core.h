@@ -39,11 +39,19 @@ enum {
   SF_ABSENT = 4     /* SF_ACQ_JOIN_ONLY and no call in flight: nothing done */
 };
 
-/* How a foreign wait ended. */
+/* How a foreign wait ended, and what sf_state says of a call. */
 enum {
   SF_DONE = 0,      /* the leader published: see the payload */
   SF_TIMEDOUT = 1,  /* gave up; the call goes on without this waiter */
-  SF_ABANDONED = 2  /* the leader went away: try sf_acquire again */
+  SF_ABANDONED = 2, /* the leader went away, or the call expired (see
+                       sf_expire): try sf_acquire again */
+  SF_RUNNING = 3    /* sf_state only: no outcome yet */
+};
+
+/* Flags for sf_wait. */
+enum {
+  SF_WAIT_KEEP = 1  /* a timeout keeps the waiter joined (a future that may
+                       wait again), and is not counted */
 };
 
 /* Counters kept per group, over every domain. */
@@ -71,10 +79,14 @@ enum {
 
 /* Groups. A new group has one reference, owned by the caller. */
 sf_group *sf_group_new(unsigned flags);
-/* The process-wide group `name`, made on first use; a new reference. */
+/* The process-wide group `name`, made on first use; a new reference. The
+ * registry is a hash table: opening costs the same however many groups
+ * are alive. */
 sf_group *sf_group_open(const char *name, size_t len);
-void sf_group_retain(sf_group *g);
 void sf_group_release(sf_group *g);
+/* Bytes of C memory the group holds whatever its calls (for the binding
+ * to tell its garbage collector). */
+size_t sf_group_footprint(const sf_group *g);
 /* The group's name (NULL for an unnamed group) and its length. */
 const char *sf_group_name(const sf_group *g, size_t *len);
 
@@ -83,20 +95,44 @@ const char *sf_group_name(const sf_group *g, size_t *len);
  * the one in flight. `domain` says who is asking (the binding passes its
  * lua_State's identity); `owner` says which flow of control inside the
  * domain, and is used only to refuse recursion. *out is set for LEADER,
- * JOINED and FOREIGN.
+ * JOINED and FOREIGN (with a reference), and for RECURSIVE (without: the
+ * caller's owner holds it).
  *
- * A LEADER owns one reference to the call: it gives it up by sf_finish (and
- * sf_publish when sf_finish returns non-zero) or by sf_abandon. A FOREIGN
- * joiner owns one reference, given up by sf_release after sf_wait. A JOINED
- * joiner owns none: the call lives while its leader does, in its domain.
+ * Every caller that gets a call holds one reference to it, whatever the
+ * status: the record lives (and keeps its key) until the last holder lets
+ * go. A LEADER gives its reference up by sf_finish (and sf_publish when
+ * sf_finish returns non-zero) or by sf_abandon. A joiner, JOINED or
+ * FOREIGN, gives it up by sf_release once it has its outcome, or by
+ * sf_unjoin or sf_leave.
  */
 int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
                uintptr_t owner, unsigned flags, sf_call **out);
 
-/* A JOINED caller that won't wait after all: undoes the join. */
-void sf_unjoin(sf_call *c);
-/* A JOINED caller that gave up waiting (counted as a timeout). */
+/* A joiner from `domain` that won't wait after all: undoes the join and
+ * gives up its reference. */
+void sf_unjoin(sf_call *c, uintptr_t domain);
+/* A JOINED caller that gave up waiting (counted as a timeout); gives up its
+ * reference. */
 void sf_leave(sf_call *c);
+
+/* One more reference on a call held already; `watch` also counts the new
+ * holder among the leader's domain's waiters (the nlocal of sf_finish). */
+void sf_retain(sf_call *c, int watch);
+/* The call's outcome so far: SF_RUNNING, SF_DONE or SF_ABANDONED. */
+int sf_state(sf_call *c);
+/* Seconds since the call's leader acquired it (a coarse clock). */
+double sf_age(sf_call *c);
+/* The leader's flow of control changes (a call started on behalf of a
+ * light thread that now runs it): recursion is judged against `owner`. */
+void sf_set_owner(sf_call *c, uintptr_t owner);
+/*
+ * A call still running is taken from its key as if abandoned, though its
+ * leader goes on: waiters are told SF_ABANDONED (and take over), later
+ * callers start afresh, and what the leader finishes with reaches no one
+ * but itself (sf_finish then reports no waiters). Counted as abandoned.
+ * Returns 1 if it did so, 0 if the call had ended or expired already.
+ */
+int sf_expire(sf_call *c);
 
 /*
  * The leader's work is done. Removes the key unless it was forgotten, so
@@ -120,8 +156,10 @@ void sf_abandon(sf_call *c);
 /*
  * A FOREIGN joiner waits at most `timeout` seconds (negative: no limit).
  * On SF_DONE, *payload is the published payload, valid until sf_release.
+ * After SF_DONE or SF_ABANDONED (or SF_TIMEDOUT without SF_WAIT_KEEP) the
+ * joiner is no longer waiting: only sf_release is left to do.
  */
-int sf_wait(sf_call *c, double timeout, void **payload);
+int sf_wait(sf_call *c, double timeout, unsigned flags, void **payload);
 /* Gives up a FOREIGN joiner's reference. */
 void sf_release(sf_call *c);
 
@@ -140,7 +178,9 @@ sf_group *sf_call_group(const sf_call *c);
 /* Bytes the core allocates for one in-flight call with a key of `len`. */
 size_t sf_call_footprint(size_t len);
 
-/* Monotonic clock, seconds. */
+/* Monotonic clock, seconds; the coarse one costs less and moves in steps
+ * of a few milliseconds. */
 double sf_now(void);
+double sf_coarse_now(void);
 
 #endif

@@ -93,7 +93,8 @@ typedef struct exec {
   int forgotten, abandoned;
   int joined;             /* foreign joiners */
   int patient;            /* foreign joiners that wait with no time limit */
-  int nlocal;             /* same-domain joiners not undone */
+  int nlocal;             /* same-domain joiners still waiting */
+  int gaveup;             /* same-domain joiners that gave up waiting */
   /* set before sf_publish or sf_abandon, read by the joiners after */
   payload *published;
   atomic_int done, timedout, told_abandoned;
@@ -239,7 +240,7 @@ static void lead(worker *w, exec *e, int nested) {
   CHECK(nforeign + (unsigned)gave_up <= (unsigned)e->joined,
         "sf_finish: %u foreign waiters of %d, %d timed out before", nforeign,
         e->joined, gave_up);
-  if (e->joined == 0 && e->nlocal == 0)
+  if (e->joined == 0 && e->nlocal == 0 && e->gaveup == 0)
     CHECK(!shared, "sf_finish: shared with nobody");
   if (e->patient > 0)
     CHECK(shared, "sf_finish: not shared, with a waiter that cannot give up");
@@ -299,11 +300,13 @@ static void call_op(worker *w, int gi, int ki, uintptr_t owner, int nested) {
       CHECK(st == SF_JOINED, "key %s: same domain, acquire gave %d", ks->key, st);
       cur->nlocal++;
       if (below(&w->rng, 2)) {
-        sf_unjoin(c);
+        sf_unjoin(c, w->domain);
         cur->nlocal--;
         count(gi, SF_STAT_SHARED, -1);
-      } else {
+      } else { /* gave up waiting: no longer among the leader's waiters */
         sf_leave(c);
+        cur->nlocal--;
+        cur->gaveup++;
         count(gi, SF_STAT_TIMEOUTS, 1);
       }
       pthread_mutex_unlock(&ks->mu);
@@ -318,7 +321,7 @@ static void call_op(worker *w, int gi, int ki, uintptr_t owner, int nested) {
     atomic_fetch_add(&e->refs, 1);
     pthread_mutex_unlock(&ks->mu);
 
-    rc = sf_wait(c, timeout, &p);
+    rc = sf_wait(c, timeout, 0, &p);
     switch (rc) {
     case SF_DONE:
       CHECK(p == e->published, "key %s: a waiter got another call's payload",
@@ -397,7 +400,7 @@ static void churn_op(worker *w) {
     }
   } else if (st == SF_FOREIGN) {
     void *p = NULL;
-    if (sf_wait(c, below(&w->rng, 2) ? -1 : 0.001, &p) == SF_DONE)
+    if (sf_wait(c, below(&w->rng, 2) ? -1 : 0.001, 0, &p) == SF_DONE)
       CHECK(((payload *)p)->magic == PAYLOAD_MAGIC, "churn: payload corrupt");
     sf_release(c);
   } else {

@@ -59,11 +59,11 @@ describe("g:start", function()
     assert.equal(0, g:stats().calls)
   end)
 
-  it("gives back the join when spawn fails", function()
+  it("joins a call in flight without spawning", function()
     local sched = helpers.scheduler()
     local be = backend(sched)
     local g = singleflight.new { backend = be }
-    local leader
+    local leader, got
     sched.spawn(function()
       leader = { g:call("k", function()
         coroutine.yield()
@@ -71,19 +71,36 @@ describe("g:start", function()
         return "v"
       end) }
     end)
-    local err
     sched.spawn(function()
       be.spawn = function() error("no room for another thread", 0) end
-      local ok, e = pcall(g.start, g, "k", function() end)
-      assert.is_false(ok)
-      err = e
+      local f = g:start("k", function() return "not run" end)
+      got = { f:wait() }
     end)
     sched.run()
     assert.same({}, sched.errs)
-    assert.equal("no room for another thread", err)
+    assert.same({ "v", nil, true }, got)
     assert.equal("v", leader[1])
-    assert.is_false(leader[3]) -- nobody took the result
-    assert.equal(0, g:stats().shared)
+    assert.is_true(leader[3])
+    assert.equal(1, g:stats().executions)
+    assert.equal(0, g:stats().inflight)
+  end)
+
+  it("raises when spawning the leader fails, and leaves the key free", function()
+    local sched = helpers.scheduler()
+    local be = backend(sched)
+    local g = singleflight.new { backend = be }
+    local err, later
+    sched.spawn(function()
+      be.spawn = function() error("no room for another thread", 0) end
+      local ok, e = pcall(g.start, g, "k", function() return "not run" end)
+      assert.is_false(ok)
+      err = e
+      later = { g:call("k", function() return "later" end) }
+    end)
+    sched.run()
+    assert.same({}, sched.errs)
+    assert.matches("no room for another thread", err)
+    assert.same({ "later", nil, false }, later)
     assert.equal(0, g:stats().inflight)
   end)
 end)

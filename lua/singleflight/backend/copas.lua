@@ -28,7 +28,8 @@
 
 local copas = require "copas"
 
-local error, pairs, tostring, type = error, pairs, tostring, type
+local error, pairs, select, tostring, type = error, pairs, select, tostring, type
+local unpack = table.unpack or unpack -- luacheck: ignore 143
 local package = package
 local co_running, co_yield, co_create, co_resume =
       coroutine.running, coroutine.yield, coroutine.create, coroutine.resume
@@ -237,9 +238,13 @@ function backend.can_wait()
   return true
 end
 
---- Runs fn(...) in a new copas thread.
+--- Runs fn(...) in a new copas thread. (copas 1.x hands a thread's
+-- function an extra nil first; the arguments travel in a closure.)
 function backend.spawn(fn, ...)
-  copas.addthread(fn, ...)
+  local n, args = select("#", ...), { ... }
+  copas.addthread(function()
+    return fn(unpack(args, 1, n))
+  end)
 end
 
 return backend

@@ -15,11 +15,7 @@ end
 
 local semaphore = require "ngx.semaphore"
 
-local error, getmetatable, pairs, pcall, rawget, rawset, select, setmetatable,
-      tostring, type =
-      error, getmetatable, pairs, pcall, rawget, rawset, select, setmetatable,
-      tostring, type
-local newproxy = rawget(_G, "newproxy")
+local error, select, tostring = error, select, tostring
 local co_isyieldable = coroutine.isyieldable
 local unpack = table.unpack or unpack -- luacheck: ignore 143
 local get_phase = ngx.get_phase
@@ -95,75 +91,6 @@ function backend.spawn(fn, ...)
   end)
   if not ok then
     error("singleflight: ngx.timer.at failed: " .. tostring(err), 0)
-  end
-end
-
---- Ties each coroutine's guard (the record of the calls it leads, see
--- singleflight.core) to the request that uses it; returns claim(), to be
--- called before each acquire, or nil when that can't be done.
---
--- ngx_lua hands the coroutine of a finished request, reset, to a later
--- one. An aborted leader's coroutine is thus never collected, and its
--- guard would keep the call in flight forever: duplicates would hang, and
--- the next request to get that coroutine would be told its key is a
--- recursive call. So a guard belongs to one request at a time: a request
--- that claims a guard left by an earlier request first abandons what that
--- one still led, and when a request's ngx.ctx is collected, the guards it
--- still owns abandon what it still leads. Either way a duplicate takes
--- over, as when a leader's coroutine is collected.
-function backend.request_guards(core)
-  local guard_of = core.guard
-  local mt = type(guard_of) == "function" and getmetatable(guard_of())
-  local abandon_all = type(mt) == "table" and mt.__gc
-  if type(abandon_all) ~= "function" or not newproxy then
-    return nil
-  end
-  local owner = setmetatable({}, { __mode = "kv" }) -- guard -> request state
-  local KEY = {} -- our slot in ngx.ctx
-
-  local function release(state)
-    for gd in pairs(state.guards) do
-      local o = owner[gd]
-      if o == nil or o == state then
-        owner[gd] = nil
-        abandon_all(gd)
-      end
-    end
-  end
-
-  local function new_state(ctx)
-    local state = { guards = setmetatable({}, { __mode = "k" }) }
-    local sentinel = newproxy(true)
-    getmetatable(sentinel).__gc = function()
-      release(state)
-    end
-    state.sentinel = sentinel
-    rawset(ctx, KEY, state)
-    return state
-  end
-
-  local function get_ctx()
-    return ngx.ctx
-  end
-
-  return function()
-    if get_phase() == "init" then
-      return -- no requests yet
-    end
-    local ok, ctx = pcall(get_ctx)
-    if not ok or type(ctx) ~= "table" then
-      return -- a phase without ngx.ctx: nothing to tie the guard to
-    end
-    local state = rawget(ctx, KEY) or new_state(ctx)
-    local gd = guard_of()
-    local o = owner[gd]
-    if o ~= state then
-      if o ~= nil then
-        abandon_all(gd) -- an earlier request's leftovers
-      end
-      owner[gd] = state
-      state.guards[gd] = true
-    end
   end
 end
 

@@ -1,0 +1,107 @@
+/*
+ * lsf.h: what the files of the Lua binding (module singleflight.core)
+ * share. Not installed.
+ *
+ *   lsf.c        the module: groups and the call primitives the Lua layer
+ *                drives (acquire, finish, wait, ...)
+ *   lsf_hold.c   the holders of calls: guards (the calls a coroutine
+ *                leads) and refs (one joiner's, or a future's, reference)
+ *   lsf_copy.c   the value copier: values that cross Lua states
+ *
+ * The binding never calls the Lua layer: it returns statuses that the Lua
+ * layer acts on. The Lua layer runs fn; the only user code run from here
+ * is a __tostring, for a panic value that must cross states as its text.
+ * The holders' finalizers are set by the Lua layer on the metatables made
+ * here (C ones stand in until then), so that it can wake the same-state
+ * waiters of what a finalizer abandons.
+ */
+#ifndef LSF_H
+#define LSF_H
+
+#include "sf_core.h"
+#include "lsf_compat.h"
+
+#define LSF_VERSION "0.2.0"
+
+#define GROUP_MT "singleflight.Group"
+#define GUARD_MT "singleflight.Guard"
+#define REF_MT "singleflight.Ref"
+
+/* Upvalues shared by every C function of the module. */
+#define UV_GUARDS lua_upvalueindex(1) /* coroutine -> guard, weak keys */
+#define UV_CTX lua_upvalueindex(2)    /* the state's lsf_ctx */
+#define UV_GROUP_MT lua_upvalueindex(3)
+#define UV_GUARD_MT lua_upvalueindex(4)
+#define UV_REF_MT lua_upvalueindex(5)
+#define UV_SPARES lua_upvalueindex(6) /* {guard, ref} made ahead of need */
+#define LSF_NUPVALUES 6
+
+struct lsf_guard;
+
+/* One per lua_State: its address is the state's domain in the core. */
+typedef struct lsf_ctx {
+  uintptr_t next_id;            /* owner ids given so far */
+  struct lsf_guard *main_guard; /* the main thread's, once made */
+  lua_State *main_L;            /* the main thread, once seen */
+} lsf_ctx;
+
+typedef struct lsf_group {
+  sf_group *g; /* NULL once closed */
+} lsf_group;
+
+#define GUARD_INLINE 4
+
+/* The calls one coroutine leads, innermost last; one core reference each. */
+typedef struct lsf_guard {
+  uintptr_t id;  /* the owner the core sees */
+  int height;
+  int marks;     /* leader frames that close the guard (5.4) */
+  int cap;
+  sf_call **stack;
+  sf_call *inl[GUARD_INLINE];
+} lsf_guard;
+
+/* What a ref holds. */
+enum {
+  REF_EMPTY,   /* nothing (a spare, or released) */
+  REF_LOCAL,   /* a same-state joiner's reference */
+  REF_FOREIGN, /* a joiner's reference on a call led in another state */
+  REF_LEADER,  /* the leader's reference of a call started for a light
+                  thread that has not adopted it yet (g:start) */
+  REF_WATCH    /* a future's own reference on the call it started */
+};
+
+typedef struct lsf_ref {
+  sf_call *c; /* NULL once given up */
+  int kind;
+} lsf_ref;
+
+/* lsf.c */
+lsf_ctx *lsf_ctx_of(lua_State *L);
+int lsf_raise_nomem(lua_State *L);
+void lsf_push_quoted(lua_State *L, const char *s, size_t len);
+
+/* lsf_hold.c */
+extern const luaL_Reg lsf_holder_functions[];
+extern const luaL_Reg lsf_guard_metamethods[];
+extern const luaL_Reg lsf_ref_metamethods[];
+lsf_guard *lsf_guard_for_acquire(lua_State *L, int *spare);
+int lsf_guard_install(lua_State *L, lsf_guard *gd);
+void lsf_guard_push(lsf_guard *gd, sf_call *c);
+int lsf_guard_pop(lsf_guard *gd, sf_call *c);
+int lsf_guard_is_main(lua_State *L, lsf_guard *gd);
+lsf_ref *lsf_ref_spare(lua_State *L);
+void lsf_ref_take_spare(lua_State *L);
+lsf_ref *lsf_check_ref(lua_State *L, int idx);
+lsf_guard *lsf_check_guard(lua_State *L, int idx);
+int lsf_ensure_spares(lua_State *L);
+
+/* lsf_copy.c: payloads for sf_publish, and strings for encode/decode */
+void *lsf_encode_payload(lua_State *L, int ok, int a, int b, const char *key,
+                         size_t klen);
+void lsf_free_payload(void *p);
+int lsf_push_payload(lua_State *L, const void *p);
+int lsf_encode(lua_State *L);
+int lsf_decode(lua_State *L);
+
+#endif

@@ -1,0 +1,349 @@
+/*
+ * lsf_hold.c: the holders of in-flight calls.
+ *
+ *   singleflight.Guard  one per coroutine that leads calls: the stack of
+ *                       calls it leads, each with the leader's reference.
+ *                       Found through a weak-keyed table indexed by the
+ *                       coroutine, so nothing here keeps a coroutine alive;
+ *                       when the coroutine goes away (collected, or closed
+ *                       on 5.4) the guard's finalizer abandons its calls.
+ *   singleflight.Ref    one reference on one call for one party: a
+ *                       same-state or foreign joiner, a future.
+ *
+ * A holder is made before the reference it will hold: acquire takes a
+ * spare guard and a spare ref (made ahead, when none is left) so that no
+ * allocation can fail between the core handing out a reference and the
+ * holder receiving it.
+ */
+#include "lsf.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+enum { SPARE_GUARD = 1, SPARE_REF = 2 };
+
+/* ---- guards ---- */
+
+lsf_guard *lsf_check_guard(lua_State *L, int idx) {
+  return (lsf_guard *)luaL_checkudata(L, idx, GUARD_MT);
+}
+
+static lsf_guard *guard_new(lua_State *L) {
+  lsf_guard *gd = (lsf_guard *)lua_newuserdata(L, sizeof *gd);
+  memset(gd, 0, sizeof *gd);
+  gd->stack = gd->inl;
+  gd->cap = GUARD_INLINE;
+  lua_pushvalue(L, UV_GUARD_MT);
+  lua_setmetatable(L, -2);
+  return gd;
+}
+
+static lsf_ref *ref_new(lua_State *L) {
+  lsf_ref *r = (lsf_ref *)lua_newuserdata(L, sizeof *r);
+  memset(r, 0, sizeof *r);
+  lua_pushvalue(L, UV_REF_MT);
+  lua_setmetatable(L, -2);
+  return r;
+}
+
+/* Makes the spares that are missing; raises on a memory error, before
+ * anything was acquired. */
+int lsf_ensure_spares(lua_State *L) {
+  lua_rawgeti(L, UV_SPARES, SPARE_GUARD);
+  if (lua_isnil(L, -1)) {
+    lsf_guard *gd = guard_new(L);
+    gd->id = ++lsf_ctx_of(L)->next_id;
+    lua_rawseti(L, UV_SPARES, SPARE_GUARD);
+  }
+  lua_pop(L, 1);
+  lua_rawgeti(L, UV_SPARES, SPARE_REF);
+  if (lua_isnil(L, -1)) {
+    ref_new(L);
+    lua_rawseti(L, UV_SPARES, SPARE_REF);
+  }
+  lua_pop(L, 1);
+  return 0;
+}
+
+/* Room for one more call, before acquiring: raises if there is none. */
+static void guard_reserve(lua_State *L, lsf_guard *gd) {
+  if (gd->height == gd->cap) {
+    int ncap = gd->cap * 2;
+    sf_call **ns;
+    if (gd->stack == gd->inl) {
+      ns = (sf_call **)malloc(sizeof *ns * (size_t)ncap);
+      if (ns)
+        memcpy(ns, gd->inl, sizeof gd->inl);
+    } else {
+      ns = (sf_call **)realloc(gd->stack, sizeof *ns * (size_t)ncap);
+    }
+    if (!ns)
+      lsf_raise_nomem(L);
+    gd->stack = ns;
+    gd->cap = ncap;
+  }
+}
+
+/*
+ * Pushes the running coroutine's guard, or the spare guard when it has
+ * none yet (*spare = 1): its id is what the core compares for recursion.
+ * Either has room for one more call. Spares must exist.
+ */
+lsf_guard *lsf_guard_for_acquire(lua_State *L, int *spare) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  lsf_guard *gd;
+  *spare = 0;
+  if (L == cx->main_L && cx->main_guard) {
+    lua_pushthread(L);
+    lua_rawget(L, UV_GUARDS);
+    gd = cx->main_guard;
+  } else {
+    if (lua_pushthread(L))
+      cx->main_L = L;
+    lua_rawget(L, UV_GUARDS);
+    gd = (lsf_guard *)lua_touserdata(L, -1);
+    if (!gd) {
+      lua_pop(L, 1);
+      lua_rawgeti(L, UV_SPARES, SPARE_GUARD);
+      gd = (lsf_guard *)lua_touserdata(L, -1);
+      *spare = 1;
+    }
+  }
+  guard_reserve(L, gd);
+  return gd;
+}
+
+static int install_protected(lua_State *L) {
+  /* 1: the guard, 2: the guards table */
+  lua_pushthread(L);
+  lua_pushvalue(L, 1);
+  lua_rawset(L, 2);
+  return 0;
+}
+
+/*
+ * The spare guard on top of the stack becomes the running coroutine's.
+ * Returns 0, or -1 on a memory error (the guard stays the spare).
+ */
+int lsf_guard_install(lua_State *L, lsf_guard *gd) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, install_protected);
+  lua_pushvalue(L, top);
+  lua_pushvalue(L, UV_GUARDS);
+  if (lua_pcall(L, 2, 0, 0) != 0) {
+    lua_settop(L, top);
+    return -1;
+  }
+  lua_pushnil(L);
+  lua_rawseti(L, UV_SPARES, SPARE_GUARD); /* a nil store never allocates */
+  if (L == cx->main_L)
+    cx->main_guard = gd;
+  return 0;
+}
+
+int lsf_guard_is_main(lua_State *L, lsf_guard *gd) {
+  return lsf_ctx_of(L)->main_guard == gd;
+}
+
+void lsf_guard_push(lsf_guard *gd, sf_call *c) {
+  gd->stack[gd->height++] = c; /* room was reserved */
+}
+
+/* Takes c off the guard; 0 if it was not there. */
+int lsf_guard_pop(lsf_guard *gd, sf_call *c) {
+  int i;
+  for (i = gd->height - 1; i >= 0; i--) {
+    if (gd->stack[i] == c) {
+      memmove(&gd->stack[i], &gd->stack[i + 1],
+              sizeof *gd->stack * (size_t)(gd->height - 1 - i));
+      gd->height--;
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* Abandons the calls at stack[from..height), innermost first, and pushes
+ * each as a light userdata (the Lua layer wakes their same-state waiters;
+ * those hold references, so the address stays theirs while they wait).
+ * Returns how many. */
+static int guard_abandon_from(lua_State *L, lsf_guard *gd, int from) {
+  int n = 0;
+  if (from < 0)
+    from = 0;
+  while (gd->height > from) {
+    sf_call *c = gd->stack[--gd->height];
+    sf_abandon(c);
+    if (lua_checkstack(L, 1)) {
+      lua_pushlightuserdata(L, c);
+      n++;
+    }
+  }
+  return n;
+}
+
+/* abandon(guard [, close]) -> calls...: the guard's coroutine went away
+ * (collected: every call) or a leader frame of it was closed (5.4: the
+ * calls from that frame's up). */
+static int lsf_abandon(lua_State *L) {
+  lsf_guard *gd = lsf_check_guard(L, 1);
+  int closing = lua_toboolean(L, 2);
+  lua_settop(L, 0);
+  if (closing) {
+    int mine = gd->marks;
+    if (mine <= 0)
+      return 0;
+    gd->marks--;
+    return guard_abandon_from(L, gd, mine - 1);
+  }
+  gd->marks = 0;
+  if (lsf_ctx_of(L)->main_guard == gd)
+    lsf_ctx_of(L)->main_guard = NULL;
+  {
+    int n = guard_abandon_from(L, gd, 0);
+    if (gd->stack != gd->inl) {
+      free(gd->stack);
+      gd->stack = gd->inl;
+      gd->cap = GUARD_INLINE;
+    }
+    return n;
+  }
+}
+
+/* leaders() -> coroutine, guard, ...: every coroutine of this state that
+ * leads calls now, with its guard. */
+static int lsf_leaders(lua_State *L) {
+  int n = 0, i;
+  lua_settop(L, 0);
+  lua_newtable(L); /* 1: co, guard, co, guard, ... */
+  lua_pushnil(L);
+  while (lua_next(L, UV_GUARDS)) { /* 2: co, 3: guard */
+    lsf_guard *gd = (lsf_guard *)lua_touserdata(L, 3);
+    if (gd && gd->height > 0) {
+      lua_pushvalue(L, 2);
+      lua_rawseti(L, 1, ++n);
+      lua_rawseti(L, 1, ++n);
+    } else {
+      lua_pop(L, 1);
+    }
+  }
+  luaL_checkstack(L, n, "too many leaders");
+  for (i = 1; i <= n; i++)
+    lua_rawgeti(L, 1, i);
+  return n;
+}
+
+/* calls(guard) -> the calls it leads, outermost first. */
+static int lsf_calls(lua_State *L) {
+  lsf_guard *gd = lsf_check_guard(L, 1);
+  int i;
+  luaL_checkstack(L, gd->height, "too many calls");
+  for (i = 0; i < gd->height; i++)
+    lua_pushlightuserdata(L, gd->stack[i]);
+  return gd->height;
+}
+
+/* abandon_call(guard, call) -> true if the guard led it and now has
+ * abandoned it (its leader is known to be gone). */
+static int lsf_abandon_call(lua_State *L) {
+  lsf_guard *gd = lsf_check_guard(L, 1);
+  sf_call *c = (sf_call *)lua_touserdata(L, 2);
+  int found = c && lua_islightuserdata(L, 2) && lsf_guard_pop(gd, c);
+  if (found)
+    sf_abandon(c);
+  lua_pushboolean(L, found);
+  return 1;
+}
+
+/* The stand-in finalizer, until the Lua layer sets its own. */
+static int lsf__guard_gc(lua_State *L) {
+  lsf_abandon(L);
+  return 0;
+}
+
+/* ---- refs ---- */
+
+lsf_ref *lsf_check_ref(lua_State *L, int idx) {
+  return (lsf_ref *)luaL_checkudata(L, idx, REF_MT);
+}
+
+/* Pushes the spare ref (spares must exist). */
+lsf_ref *lsf_ref_spare(lua_State *L) {
+  lua_rawgeti(L, UV_SPARES, SPARE_REF);
+  return (lsf_ref *)lua_touserdata(L, -1);
+}
+
+void lsf_ref_take_spare(lua_State *L) {
+  lua_pushnil(L);
+  lua_rawseti(L, UV_SPARES, SPARE_REF);
+}
+
+/* release(ref) -> call, abandoned | nothing: gives up what the ref holds;
+ * safe to call twice. A leader's reference not adopted yet abandons the
+ * call: the call's light userdata and true come back, so that the Lua
+ * layer wakes its same-state waiters. */
+static int lsf_release(lua_State *L) {
+  lsf_ref *r = lsf_check_ref(L, 1);
+  sf_call *c = r->c;
+  int kind = r->kind;
+  r->c = NULL;
+  r->kind = REF_EMPTY;
+  if (!c)
+    return 0;
+  if (kind == REF_LEADER) {
+    sf_abandon(c);
+    lua_pushlightuserdata(L, c);
+    lua_pushboolean(L, 1);
+    return 2;
+  }
+  if (kind == REF_FOREIGN) /* never waited (wait spends the ref): undo */
+    sf_unjoin(c, (uintptr_t)lsf_ctx_of(L));
+  else
+    sf_release(c);
+  return 0;
+}
+
+static int lsf__ref_gc(lua_State *L) {
+  lsf_release(L);
+  return 0;
+}
+
+static int lsf__ref_tostring(lua_State *L) {
+  lsf_ref *r = lsf_check_ref(L, 1);
+  static const char *const kinds[] = {"empty", "local", "foreign", "leader",
+                                      "watch"};
+  lua_pushfstring(L, "singleflight.Ref (%s, %p)", kinds[r->kind], (void *)r);
+  return 1;
+}
+
+/* alias(co, guard): co runs fn for the guard's coroutine (the helper
+ * coroutines of Lua 5.1, where fn can't yield across a pcall). */
+static int lsf_alias(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTHREAD);
+  lsf_check_guard(L, 2);
+  lua_settop(L, 2);
+  lua_rawset(L, UV_GUARDS);
+  return 0;
+}
+
+const luaL_Reg lsf_holder_functions[] = {
+  {"alias", lsf_alias},
+  {"abandon", lsf_abandon},
+  {"abandon_call", lsf_abandon_call},
+  {"leaders", lsf_leaders},
+  {"calls", lsf_calls},
+  {"release", lsf_release},
+  {NULL, NULL}
+};
+
+const luaL_Reg lsf_guard_metamethods[] = {
+  {"__gc", lsf__guard_gc},
+  {NULL, NULL}
+};
+
+const luaL_Reg lsf_ref_metamethods[] = {
+  {"__gc", lsf__ref_gc},
+  {"__tostring", lsf__ref_tostring},
+  {NULL, NULL}
+};

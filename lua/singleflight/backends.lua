@@ -1,0 +1,150 @@
+--- singleflight.backends: how a duplicate in the leader's own Lua state
+-- waits, by name, and "auto".
+--
+-- A backend is a table:
+--   new()            -> a wait object for one in-flight call (optional)
+--   wait(obj, secs)  block the running coroutine until wake(obj) or secs
+--                    seconds (nil: no limit); may return early
+--   wake(obj, n)     wake the n coroutines waiting on obj; never yields and
+--                    creates nothing (it may run inside a finalizer)
+--   can_wait()       -> true, or false and why (optional)
+--   spawn(fn, ...)   run fn(...) in a new light thread (optional; start)
+--   sleep(secs)      yield to the scheduler for secs (optional): lets a
+--                    duplicate wait on a call led in another Lua state
+--                    without blocking an event loop's OS thread
+
+local runner = require "singleflight.runner"
+
+local pcall, rawget, require, type = pcall, rawget, require, type
+local co_running, co_yield = coroutine.running, coroutine.yield
+local co_isyieldable = coroutine.isyieldable
+local yieldable51 = runner.yieldable51
+
+local M = {}
+
+-- Can the running coroutine yield to a scheduler that resumes it?
+local function in_yieldable_coroutine()
+  if co_isyieldable then
+    if co_isyieldable() then
+      return true
+    end
+  elseif yieldable51 then
+    if yieldable51(co_running()) then
+      return true
+    end
+  else -- 5.2 can't tell: a wait across a C boundary fails, and says so
+    local co, main = co_running()
+    if co ~= nil and not main then
+      return true
+    end
+  end
+  local co, main = co_running()
+  if co == nil or main then
+    return false, "the main coroutine cannot wait"
+  end
+  return false, "the running coroutine cannot yield here"
+end
+
+-- LuaJIT (2.1.0-beta3) can spin for ever when a __gc finalizer enters a
+-- loop compiled earlier, and the holders of a collected leader report
+-- abandonment from their finalizers: what runs there (the backends' wake
+-- among it) stays interpreted. The JIT can't be switched off from inside
+-- a finalizer.
+M.interpreted = function() end
+do
+  local jit = rawget(_G, "jit")
+  if type(jit) == "table" and type(jit.off) == "function" then
+    local jit_off = jit.off
+    M.interpreted = function(f)
+      pcall(jit_off, f) -- refused for C functions, which need nothing
+    end
+  end
+end
+
+local builtin = {}
+
+builtin.none = {
+  name = "none",
+  wait = function() end,
+  wake = function() end,
+  can_wait = function()
+    return false, "no backend to wait with (backend \"none\"; see the backend option)"
+  end,
+}
+
+builtin.coroutine = {
+  name = "coroutine",
+  wait = function()
+    co_yield()
+  end,
+  wake = function() end,
+  can_wait = in_yieldable_coroutine,
+  sleep = function()
+    co_yield()
+  end,
+}
+
+-- Backends that live in their own files, loaded on first use.
+local lazy = { ngx = true, cqueues = true, copas = true }
+
+M.names = { auto = true, ngx = true, cqueues = true, copas = true,
+            coroutine = true, none = true }
+
+local function get(name)
+  local be = builtin[name]
+  if be == nil and lazy[name] then
+    be = require("singleflight.backend." .. name)
+    M.interpreted(be.wake)
+    builtin[name] = be
+  end
+  return be
+end
+
+local function in_openresty()
+  local ngx = rawget(_G, "ngx")
+  return type(ngx) == "table" and type(ngx.get_phase) == "function"
+end
+M.in_openresty = in_openresty
+
+-- "auto": the scheduler the caller is running under, if any.
+local function auto()
+  if in_openresty() then
+    return get("ngx")
+  end
+  local loaded = package.loaded
+  local cq = loaded.cqueues
+  if type(cq) == "table" and type(cq.running) == "function" and cq.running() then
+    return get("cqueues")
+  end
+  local copas = loaded.copas
+  if type(copas) == "table" then
+    local be = get("copas")
+    if be.can_wait() then
+      return be
+    end
+  end
+  return builtin.none
+end
+
+--- The backend an option value names (a name, or a backend table).
+function M.resolve(spec)
+  if spec == "auto" then
+    return auto()
+  elseif type(spec) == "string" then
+    return get(spec)
+  end
+  return spec
+end
+
+--- Why the running coroutine can't wait through be, or nil when it can.
+function M.cannot_wait(be)
+  if be.can_wait then
+    local can, why = be.can_wait()
+    if not can then
+      return why or "the backend cannot wait here"
+    end
+  end
+  return nil
+end
+
+return M

@@ -1,0 +1,462 @@
+--- singleflight.flow: one g:call, from the top to the bottom and back.
+--
+--   call      acquire the key; the leader runs fn (runner) and settles;
+--             a duplicate joins
+--   settle    the leader's fn is done: finish the call in the core (which
+--             hands waiters in other Lua states their copy) and deliver the
+--             result to the waiters of this state
+--   join      a duplicate waits (here: through the backend; for a call led
+--             in another state: in the core), then returns the result,
+--             raises the panic, gives up (timeout) or takes over (the
+--             leader went away)
+--
+-- Same-state waiters of a call meet in its flight, keyed by the call. Each
+-- of them holds a core reference on the call through its ref, so the
+-- address stays this call's for as long as the flight is in the table.
+-- When a holder goes away without finishing (a leader's coroutine
+-- collected or closed, a started call never run), its finalizer abandons
+-- the call in the core and wakes the flight here: the first waiter back
+-- becomes the new leader.
+
+local core = require "singleflight.core"
+local panic = require "singleflight.panic"
+local runner = require "singleflight.runner"
+local backends = require "singleflight.backends"
+local options = require "singleflight.options"
+
+local error, pairs, pcall, rawget, select, setmetatable, type =
+      error, pairs, pcall, rawget, select, setmetatable, type
+local sfmt = string.format
+
+local acquire, finish, core_wait, state, unjoin, leave, release, expire, age,
+      abandon, abandon_call, leaders, calls, now, quote, core_count =
+      core.acquire, core.finish, core.wait, core.state, core.unjoin,
+      core.leave, core.release, core.expire, core.age, core.abandon,
+      core.abandon_call, core.leaders, core.calls, core.now, core.quote,
+      core.count
+local co_running, co_status = coroutine.running, coroutine.status
+local getinfo, getlocal = debug.getinfo, debug.getlocal
+local is_panic, panic_of, new_panic = panic.is_panic, panic.of, panic.new
+local resolve, cannot_wait, interpreted =
+      backends.resolve, backends.cannot_wait, backends.interpreted
+local DEFAULTS = options.DEFAULTS
+
+local LEADER, JOINED, EXPIRED, RECURSIVE = 0, 1, 4, 5
+local COUNT = core.COUNT
+local TIMEOUT = "singleflight: wait timed out"
+local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
+
+local M = { TIMEOUT = TIMEOUT }
+
+-- handle -> its options
+local opts_of = setmetatable({}, { __mode = "k" })
+M.opts_of = opts_of
+
+---------------------------------------------------------------------------
+-- Flights: the same-state waiters of one call
+
+-- call (light userdata) -> { objs = {backend -> wait object},
+--   counts = {backend -> waiting}, n = waiters, done, ok, v, err, panic,
+--   shared, abandoned }
+local flights = {}
+
+local function wake_all(fl)
+  for be, obj in pairs(fl.objs) do
+    local n = fl.counts[be]
+    if n > 0 then
+      pcall(be.wake, obj, n)
+    end
+  end
+end
+
+--- The flight of call c, made if there is none.
+local function flight(c)
+  local fl = flights[c]
+  if not fl then
+    fl = { objs = {}, counts = {}, n = 0 }
+    flights[c] = fl
+  end
+  return fl
+end
+
+-- The leader's result reaches the flight of c.
+local function deliver(c, ok, v, err, p, shared)
+  local fl = flights[c]
+  if fl then
+    flights[c] = nil
+    fl.done, fl.ok, fl.v, fl.err, fl.panic, fl.shared = true, ok, v, err, p, shared
+    wake_all(fl)
+  end
+end
+
+-- The call c (or, for fl, the call it was made for) went away without a
+-- result: its waiters take over.
+local function gone(c, fl)
+  fl = fl or flights[c]
+  if fl then
+    if flights[c] == fl then
+      flights[c] = nil
+    end
+    fl.abandoned = true
+    wake_all(fl)
+  end
+end
+
+local function gone_all(...)
+  for i = 1, select("#", ...) do
+    gone((select(i, ...)))
+  end
+end
+
+-- A waiter leaves fl: the last one out takes it off the table.
+local function drop_waiter(c, fl)
+  fl.n = fl.n - 1
+  if fl.n == 0 and flights[c] == fl then
+    flights[c] = nil
+  end
+end
+
+-- The holders' finalizers: a guard whose coroutine went away, or was
+-- closed inside a leader's frame (5.4), and a ref let go of.
+core.Guard.__gc = function(gd)
+  gone_all(abandon(gd))
+end
+if core.closes then
+  core.Guard.__close = function(gd)
+    gone_all(abandon(gd, true))
+  end
+end
+core.Ref.__gc = function(ref)
+  local c, led = release(ref)
+  if led then
+    gone(c)
+  end
+end
+interpreted(wake_all)
+interpreted(gone)
+interpreted(gone_all)
+interpreted(core.Guard.__gc)
+interpreted(core.Guard.__close)
+interpreted(core.Ref.__gc)
+
+-- Counts one more waiter through be on fl and returns be's wait object.
+local function enlist(fl, be)
+  local obj = fl.objs[be]
+  if obj == nil then
+    obj = be.new and be.new() or true
+    fl.objs[be] = obj
+    fl.counts[be] = 0
+  end
+  fl.counts[be] = fl.counts[be] + 1
+  return obj
+end
+
+local function cannot_wait_msg(skey, why)
+  return sfmt("singleflight: cannot wait for key %s: %s", quote(skey), why)
+end
+
+-- The backend's wait, protected where a protected call can yield (not on
+-- Lua 5.1), so that a wait that fails leaves the call as it found it.
+local pwait = LUA51 and function(f, ...) return true, f(...) end or pcall
+
+--[[
+Waits through be, as one more waiter of fl (the flight of call c, held by
+ref), until the call is done or gone, the deadline passes, or the call
+grows older than max_age (then it expires and is gone). Returns true when
+the flight has an outcome. A backend that fails raises, the waiter
+withdrawn.
+]]
+local function wait_flight(fl, be, ref, c, skey, deadline, max_age)
+  local obj = enlist(fl, be)
+  while not fl.done and not fl.abandoned do
+    -- gone before this waiter was in the flight, or expired elsewhere
+    if state(ref) == "abandoned" then
+      gone(c, fl)
+      break
+    end
+    local remaining
+    if deadline then
+      remaining = deadline - now()
+      if remaining <= 0 then
+        break
+      end
+    end
+    if max_age then
+      local rest = max_age - (age(ref) or max_age)
+      if rest <= 0 then
+        expire(ref, max_age)
+        rest = nil -- the state says so now: back round the loop
+      elseif remaining == nil or rest < remaining then
+        remaining = rest
+      end
+      if rest == nil then
+        remaining = 0
+      end
+    end
+    if remaining ~= 0 then
+      local ok, e = pwait(be.wait, obj, remaining)
+      if not ok then
+        fl.counts[be] = fl.counts[be] - 1
+        if type(e) == "string" and e:find("attempt to yield", 1, true) then
+          e = cannot_wait_msg(skey, "the running coroutine cannot yield here")
+        end
+        error(e, 0)
+      end
+    end
+  end
+  fl.counts[be] = fl.counts[be] - 1
+  return fl.done or fl.abandoned
+end
+M.wait_flight = wait_flight
+
+---------------------------------------------------------------------------
+-- The leader's side
+
+-- The leader's fn returned v, err (ok) or raised (v: the panic).
+local function settle(gd, c, skey, ok, v, err)
+  local shared, nlocal
+  if ok then
+    shared, nlocal = finish(gd, c, true, v, err)
+    if nlocal > 0 then
+      deliver(c, true, v, err, nil, shared)
+    end
+    return v, err, shared
+  end
+  if is_panic(v) then
+    shared, nlocal = finish(gd, c, false, v.value, v.traceback)
+  else -- the message handler itself failed
+    shared, nlocal = finish(gd, c, false, v, "")
+  end
+  local p = panic_of(v, skey)
+  if nlocal > 0 then
+    deliver(c, false, nil, nil, p, shared)
+  end
+  error(p, 0)
+end
+
+local lead = runner.leader(settle)
+M.lead = lead
+local check_recursion
+
+-- A caller that gave up waiting and runs fn itself, unshared.
+local function run_unshared(self, skey, fn, ...)
+  core_count(self, "executions")
+  local ok, v, err = runner.protect(fn, ...)
+  if not ok then
+    core_count(self, "panics")
+    error(panic_of(v, skey), 0)
+  end
+  return v, err, false
+end
+
+---------------------------------------------------------------------------
+-- The duplicate's side
+
+-- A same-state duplicate waits on the flight of c.
+local function wait_local(opts, c, ref, skey, deadline)
+  local be = resolve(opts.backend)
+  local why = cannot_wait(be)
+  if why then
+    if opts.timeout == 0 then -- it would not have waited anyway
+      leave(ref)
+      return "timeout"
+    end
+    unjoin(ref)
+    error(cannot_wait_msg(skey, why), 0)
+  end
+  local fl = flight(c)
+  fl.n = fl.n + 1
+  local ok, e = pwait(wait_flight, fl, be, ref, c, skey, deadline, opts.max_age)
+  drop_waiter(c, fl)
+  if not ok then
+    unjoin(ref)
+    error(e, 0)
+  end
+  if fl.done then
+    release(ref)
+    if fl.ok then
+      return "done", true, fl.v, fl.err
+    end
+    return "done", false, fl.panic
+  elseif fl.abandoned then
+    release(ref)
+    return "abandoned"
+  end
+  leave(ref)
+  return "timeout"
+end
+
+-- A duplicate of a call led in another Lua state blocks its OS thread in
+-- the core, waking at max_age to expire the call.
+local function wait_foreign(opts, ref, deadline)
+  local max_age = opts.max_age
+  while true do
+    local left = deadline and deadline - now() or -1
+    if deadline and left < 0 then
+      left = 0
+    end
+    local rest = max_age and max_age - (age(ref) or 0)
+    if not rest or (left >= 0 and left <= rest) then
+      return core_wait(ref, left)
+    end
+    local r, ok, v, err = core_wait(ref, rest > 0 and rest or 0, true)
+    if r ~= "timeout" then
+      return r, ok, v, err
+    end
+    expire(ref, max_age) -- the next wait says "abandoned"
+  end
+end
+
+local function join(self, st, c, ref, skey, fn, ...)
+  local opts = opts_of[self] or DEFAULTS
+  -- one deadline for the whole wait, across leaders that go away
+  local deadline = opts.timeout and now() + opts.timeout
+  M.watch()
+  while true do
+    local r, ok, v, err
+    if st == RECURSIVE then
+      check_recursion(c, ref, skey)
+      r = "abandoned" -- a stale lead, abandoned now
+    elseif st == EXPIRED then -- the call in flight was too old: it is gone
+      gone(c)
+      r = "abandoned"
+    else
+      if opts.max_age and expire(ref, opts.max_age) then
+        gone(c)
+      end
+      if st == JOINED then
+        r, ok, v, err = wait_local(opts, c, ref, skey, deadline)
+      else
+        r, ok, v, err = wait_foreign(opts, ref, deadline)
+      end
+    end
+    if r == "done" then
+      if ok then
+        return v, err, true
+      end
+      if st == JOINED then
+        error(v, 0) -- the leader's own panic
+      end
+      error(new_panic(v, err, skey), 0)
+    elseif r == "timeout" then
+      if opts.on_timeout == "run" then
+        return run_unshared(self, skey, fn, ...)
+      end
+      return nil, TIMEOUT, false
+    elseif r == "error" then
+      error(ok, 0)
+    end
+    -- abandoned: the first waiter back becomes the new leader
+    local tbc
+    st, c, ref, skey, tbc = acquire(self, skey, fn, "call", 0)
+    if st == LEADER then
+      return lead(self, c, ref, tbc, skey, fn, ...)
+    end
+  end
+end
+
+---------------------------------------------------------------------------
+-- Leaders that went away unseen
+--
+-- A coroutine that goes away is seen by its guard's finalizer. OpenResty
+-- also ends requests by killing their coroutines (ngx.exit, ngx.exec, a
+-- client abort, a killed light thread) and hands the coroutines, reset, to
+-- later requests: no finalizer runs, and a later request on the same
+-- coroutine would look like its own leader. So a lead counts only while
+-- its frame is on its coroutine's stack, checked where it matters: at a
+-- would-be recursion, and by a sweep that a timer runs in every nginx
+-- worker where someone waits.
+
+-- Is a leader frame of call c on co's stack?
+local function led_on(co, c)
+  local running = co == co_running()
+  local level = running and 1 or 0
+  while true do
+    local info
+    if running then
+      info = getinfo(level, "f")
+    else
+      info = getinfo(co, level, "f")
+    end
+    if not info then
+      return false
+    end
+    if info.func == lead then
+      local _, v
+      if running then
+        _, v = getlocal(level, 2)
+      else
+        _, v = getlocal(co, level, 2)
+      end
+      if v == c then
+        return true
+      end
+    end
+    level = level + 1
+  end
+end
+
+-- The running coroutine already leads c (held by guard gd): a recursion,
+-- unless that lead is stale, which is then abandoned.
+function check_recursion(c, gd, skey)
+  if not (backends.in_openresty() and not led_on(co_running(), c)) then
+    error("singleflight: recursive call for key " .. quote(skey), 0)
+  end
+  if abandon_call(gd, c) then
+    gone(c)
+  end
+end
+
+--- Abandons the calls whose leader frame is gone.
+function M.sweep()
+  local list = { leaders() }
+  for i = 1, #list, 2 do
+    local co, gd = list[i], list[i + 1]
+    local status = co_status(co)
+    if status == "dead" then
+      gone_all(abandon(gd))
+    elseif status ~= "running" then
+      local led = { calls(gd) }
+      for j = 1, #led do
+        local c = led[j]
+        if not led_on(co, c) and abandon_call(gd, c) then
+          gone(c)
+        end
+      end
+    end
+  end
+end
+
+local SWEEP_EVERY = 0.5
+local sweeping = false
+
+--- Starts the sweep in this nginx worker, once, where timers can be made.
+function M.watch()
+  if sweeping or not backends.in_openresty() then
+    return
+  end
+  local ngx = rawget(_G, "ngx")
+  local ok, started = pcall(ngx.timer.every, SWEEP_EVERY, M.sweep)
+  sweeping = ok and started and true or false
+end
+
+---------------------------------------------------------------------------
+-- g:call(key, fn, ...)
+
+function M.call(self, key, fn, ...)
+  local st, c, h, skey, tbc = acquire(self, key, fn, "call", COUNT)
+  if st == LEADER then
+    return lead(self, c, h, tbc, skey, fn, ...)
+  end
+  return join(self, st, c, h, skey, fn, ...)
+end
+
+-- For futures (singleflight.future).
+M.check_recursion = check_recursion
+M.flight = flight
+M.gone = gone
+M.drop_waiter = drop_waiter
+M.enlist = enlist
+M.cannot_wait_msg = cannot_wait_msg
+
+return M
