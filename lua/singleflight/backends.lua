@@ -9,9 +9,10 @@
 --                    creates nothing (it may run inside a finalizer)
 --   can_wait()       -> true, or false and why (optional)
 --   spawn(fn, ...)   run fn(...) in a new light thread (optional; start)
---   sleep(secs)      yield to the scheduler for secs (optional): lets a
---                    duplicate wait on a call led in another Lua state
---                    without blocking an event loop's OS thread
+--   loop             true when the OS thread runs an event loop that a
+--                    blocking wait would freeze: a duplicate of a call led
+--                    in another Lua state then polls, sleeping with
+--   sleep(secs)      yield to the scheduler for secs
 
 local runner = require "singleflight.runner"
 

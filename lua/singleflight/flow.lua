@@ -286,10 +286,43 @@ local function wait_local(opts, c, ref, skey, deadline)
   return "timeout"
 end
 
+-- Waits for a call led in another state by polling the core between
+-- sleeps of the backend: for an OS thread that runs an event loop (nginx
+-- with lua_code_cache off makes a Lua state per request), which a blocking
+-- wait would freeze.
+local POLL_MIN, POLL_MAX = 0.001, 0.05
+
+local function poll_foreign(be, ref, skey, deadline, max_age)
+  local why = cannot_wait(be)
+  if why then
+    unjoin(ref)
+    error(cannot_wait_msg(skey, why), 0)
+  end
+  local pause = POLL_MIN
+  while true do
+    local r, ok, v, err = core_wait(ref, 0, true)
+    if r ~= "timeout" then
+      return r, ok, v, err
+    end
+    if max_age and (age(ref) or 0) >= max_age then
+      expire(ref, max_age)
+    elseif deadline and now() >= deadline then
+      return core_wait(ref, 0) -- gives up, counted
+    else
+      be.sleep(pause)
+      pause = pause * 2 < POLL_MAX and pause * 2 or POLL_MAX
+    end
+  end
+end
+
 -- A duplicate of a call led in another Lua state blocks its OS thread in
 -- the core, waking at max_age to expire the call.
-local function wait_foreign(opts, ref, deadline)
+local function wait_foreign(opts, ref, skey, deadline)
   local max_age = opts.max_age
+  local be = resolve(opts.backend)
+  if be.loop then
+    return poll_foreign(be, ref, skey, deadline, max_age)
+  end
   while true do
     local left = deadline and deadline - now() or -1
     if deadline and left < 0 then
@@ -327,7 +360,7 @@ local function join(self, st, c, ref, skey, fn, ...)
       if st == JOINED then
         r, ok, v, err = wait_local(opts, c, ref, skey, deadline)
       else
-        r, ok, v, err = wait_foreign(opts, ref, deadline)
+        r, ok, v, err = wait_foreign(opts, ref, skey, deadline)
       end
     end
     if r == "done" then

@@ -36,6 +36,9 @@ local function check_backend_table(fname, be)
       option_error(fname, "backend", sfmt("backend field '%s' must be a function", f), 2)
     end
   end
+  if be.loop and type(be.sleep) ~= "function" then
+    option_error(fname, "backend", "a backend with 'loop' set needs a function 'sleep'", 2)
+  end
   backends.interpreted(be.wake)
 end
 

@@ -54,6 +54,14 @@ function backend.wait(sema, secs)
   end
 end
 
+-- nginx runs its event loop on the worker's one OS thread: a duplicate of
+-- a call led in another Lua state (lua_code_cache off makes one per
+-- request) must not block it; it polls, sleeping between looks.
+backend.loop = true
+backend.sleep = function(secs)
+  ngx.sleep(secs)
+end
+
 --- Wakes the `n` waiters at once (post never yields).
 function backend.wake(sema, n)
   sema:post(n)
