@@ -12,15 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Statuses of acquire, as the Lua layer sees them. */
-enum {
-  ST_LEADER = 0,
-  ST_JOINED = 1,
-  ST_FOREIGN = 2,
-  ST_ABSENT = 3,
-  ST_EXPIRED = 4,
-  ST_RECURSIVE = 5
-};
+const char lsf_group_tag = 0;
 
 /* Flags of acquire. */
 enum {
@@ -28,7 +20,9 @@ enum {
   ACQ_JOIN_ONLY = 2, /* never lead */
   ACQ_DETACHED = 4, /* lead on behalf of a light thread to come (start):
                        a fresh owner, the reference in a ref */
-  ACQ_CHECK = 8     /* check the arguments, acquire nothing */
+  ACQ_CHECK = 8,    /* check the arguments, acquire nothing */
+  ACQ_LOCAL = 16,   /* in this state only: a tier's own call */
+  ACQ_DEEPER = 32   /* errors blame one level further up */
 };
 
 lsf_ctx *lsf_ctx_of(lua_State *L) {
@@ -190,6 +184,8 @@ static int push_group_protected(lua_State *L) {
   sf_group *g = (sf_group *)lua_touserdata(L, 1);
   size_t extra = sf_group_name(g, NULL) ? sf_group_footprint(g) : 0;
   lsf_group *ug = (lsf_group *)lua_newuserdata(L, sizeof *ug + extra);
+  ug->tag = &lsf_group_tag;
+  ug->tiered = 0;
   ug->g = NULL;
   luaL_getmetatable(L, GROUP_MT);
   lua_setmetatable(L, -2);
@@ -309,43 +305,172 @@ static int lsf_count(lua_State *L) {
 /* ---- one call ---- */
 
 /*
- * acquire(g, key, fn, fname, flags [, max_age]) -> status, ...
- *   LEADER   0, call, guard, key, tbc   the running coroutine leads: run
- *            fn, then finish(guard, call, ...). tbc is the guard when the
- *            leader frame must close it (a coroutine, on 5.4), else false.
- *   LEADER   0, call, ref, key          (ACQ_DETACHED) the ref holds the
- *            leader's reference until a light thread adopts it
- *   JOINED   1, call, ref, key          a same-state joiner's reference
- *   FOREIGN  2, call, ref, key          led in another state: wait(ref)
- *   ABSENT   3, nil, nil, key           (ACQ_JOIN_ONLY) nothing in flight;
- *                                       (ACQ_CHECK) the arguments are good
- *   EXPIRED  4, call, nil, key          the call in flight was older than
- *            max_age and is now expired: wake its waiters, acquire again
- *   RECURSIVE 5, call, guard, key       the running coroutine leads the key
- *            already (unless the guard is stale: see sweep in flow.lua)
- * Raises for bad arguments (naming fname) and memory errors, having
- * changed nothing.
+ * Statuses, as the Lua layer sees them:
+ *   acquire(g, key, fn, fname, flags) -> status, ...
+ *     LEADER    0, call, guard|false, key   the running coroutine leads
+ *               (false: the main thread): run fn, then finish(call, ...)
+ *     LEADER    0, call, ref, key                (ACQ_DETACHED) the ref
+ *               holds the leader's reference until a light thread adopts it
+ *     JOINED    1, call, ref, key   a same-state joiner's reference
+ *     FOREIGN   2, call, ref, key   led in another state: wait(ref)
+ *     ABSENT    3, nil, nil, key    (ACQ_JOIN_ONLY) nothing in flight;
+ *                                   (ACQ_CHECK) the arguments are good
+ *     RECURSIVE 5, call, guard|false, key   the running coroutine leads the
+ *               key already (unless that lead is stale: see flow.lua)
+ *     TIERED    8                   the group's calls go through a tier
+ *   run(g, key, fn, ...), rerun(...) and lead(call, key, fn, ...) (5.2 and
+ *   later: acquire, fn run protected, finish, in one trip) -> one of the
+ *   above but LEADER, or
+ *     DONE      0, v, err, shared    nobody in this state waits
+ *     DELIVER   7, v, err, shared, call   same-state waiters to wake
+ *     PANICKED  6, value, traceback, call|nil, key   fn raised; call is
+ *               given when same-state waiters are to be told
+ * Bad arguments (naming fname) and memory errors raise, having changed
+ * nothing.
  */
-static int lsf_acquire(lua_State *L) {
-  const char *fname = lua_tostring(L, 4);
-  sf_group *g;
-  size_t len;
-  const char *key;
-  unsigned flags = (unsigned)lua_tointeger(L, 5);
-  double max_age = luaL_optnumber(L, 6, -1);
+enum {
+  ST_LEADER = 0,
+  ST_DONE = 0,
+  ST_JOINED = 1,
+  ST_FOREIGN = 2,
+  ST_ABSENT = 3,
+  ST_RECURSIVE = 5,
+  ST_PANICKED = 6,
+  ST_DELIVER = 7,
+  ST_TIERED = 8
+};
+
+/* The group at 1 on the fast path: a tag read instead of a metatable
+ * compare; anything unusual goes the long way, for its message. */
+static sf_group *fast_group(lua_State *L, const char *fname, int level,
+                            int *tiered) {
+  lsf_group *ug = (lsf_group *)lua_touserdata(L, 1);
+  if (!(ug && lua_type(L, 1) == LUA_TUSERDATA &&
+        lsf_rawlen(L, 1) >= sizeof *ug && ug->tag == &lsf_group_tag &&
+        ug->g)) {
+    check_group(L, 1, level, fname); /* raises */
+    ug = test_group(L, 1);
+  }
+  *tiered = ug->tiered;
+  return ug->g;
+}
+
+/* The arguments of acquire and run: group, key (a number replaced by its
+ * text), fn. */
+static sf_group *check_call_args(lua_State *L, const char *fname,
+                                 unsigned flags, const char **key,
+                                 size_t *len, int *tiered) {
+  int level = (flags & ACQ_DEEPER) ? 3 : 2; /* the caller of call */
+  sf_group *g = fast_group(L, fname, level, tiered);
+  if (lua_type(L, 2) == LUA_TSTRING)
+    *key = lua_tolstring(L, 2, len);
+  else
+    *key = check_key(L, 2, len, level, 1, fname);
+  if (lua_type(L, 3) != LUA_TFUNCTION)
+    check_fn(L, 3, level, 2, fname);
+  if (*tiered && (flags & ACQ_LOCAL))
+    *tiered = 0;
+  return g;
+}
+
+/*
+ * Acquires the key for the running coroutine. Expects group and key at 1
+ * and 2. LEADER: *gdp is the guard, pushed at slot *gslot when it is not
+ * the main thread's (else *gslot is 0), and *nret 0; otherwise the values
+ * to return are on top, *nret of them.
+ */
+static int acquire_for(lua_State *L, sf_group *g, const char *key,
+                       size_t len, unsigned flags, sf_call **cp,
+                       lsf_guard **gdp, int *gslot, int *nret) {
   lsf_ctx *cx = lsf_ctx_of(L);
   lsf_guard *gd;
-  lsf_ref *ref;
+  sf_call *c = NULL;
+  int st, spare, top = lua_gettop(L);
+
+  *nret = 0;
+  lsf_ensure_spares(L);
+  gd = lsf_guard_for_acquire(L, &spare); /* pushed unless the main's */
+  *gslot = lua_gettop(L) > top ? lua_gettop(L) : 0;
+  st = sf_acquire(g, key, len, (uintptr_t)cx, gd->id,
+                  ((flags & ACQ_COUNT) ? SF_ACQ_COUNT_CALL : 0) |
+                      ((flags & ACQ_JOIN_ONLY) ? SF_ACQ_JOIN_ONLY : 0),
+                  &c);
+  *cp = c;
+  *gdp = gd;
+  switch (st) {
+  case SF_LEADER:
+    if (flags & ACQ_DETACHED) { /* the light thread's, once it adopts it */
+      lsf_ref *ref;
+      sf_set_owner(c, ++cx->next_id);
+      ref = lsf_ref_take_spare(L);
+      ref->c = c;
+      ref->kind = REF_LEADER;
+      break;
+    }
+    if (spare && lsf_guard_install(L, gd) != 0) {
+      sf_abandon(c); /* nobody here saw it; other states retry */
+      lsf_raise_nomem(L);
+    }
+    lsf_guard_push(gd, c);
+    *nret = 0;
+    return SF_LEADER;
+  case SF_JOINED:
+  case SF_FOREIGN: {
+    lsf_ref *ref = lsf_ref_take_spare(L);
+    ref->c = c;
+    ref->kind = st == SF_JOINED ? REF_LOCAL : REF_FOREIGN;
+    break;
+  }
+  case SF_ABSENT:
+    lua_pushnil(L);
+    break;
+  case SF_RECURSIVE:
+    if (*gslot)
+      lua_pushvalue(L, *gslot);
+    else
+      lua_pushboolean(L, 0);
+    break;
+  default:
+    return lsf_raise_nomem(L);
+  }
+  /* the holder (or its stand-in) on top: status, call, holder, key */
+  lua_pushinteger(L, st == SF_LEADER    ? ST_LEADER
+                     : st == SF_JOINED  ? ST_JOINED
+                     : st == SF_FOREIGN ? ST_FOREIGN
+                     : st == SF_ABSENT  ? ST_ABSENT
+                                        : ST_RECURSIVE);
+  if (st == SF_ABSENT)
+    lua_pushnil(L);
+  else
+    lua_pushlightuserdata(L, c);
+  lua_pushvalue(L, -3);
+  lua_pushvalue(L, 2);
+  *nret = 4;
+  return st;
+}
+
+static int push_tiered(lua_State *L) {
+  lua_pushinteger(L, ST_TIERED);
+  return 1;
+}
+
+/* acquire(g, key, fn, fname, flags) -> status, ... (see above) */
+static int lsf_acquire(lua_State *L) {
+  const char *fname = lua_tostring(L, 4);
+  unsigned flags = (unsigned)lua_tointeger(L, 5);
+  const char *key;
+  size_t len;
+  sf_group *g;
   sf_call *c;
-  uintptr_t owner;
-  int st, spare;
+  lsf_guard *gd;
+  int gslot, nret, tiered;
 
   if (!fname)
     fname = "call";
-  g = check_group(L, 1, 2, fname);
-  key = check_key(L, 2, &len, 2, 1, fname);
-  check_fn(L, 3, 2, 2, fname);
-  lua_settop(L, 2);
+  g = check_call_args(L, fname, flags, &key, &len, &tiered);
+  lua_settop(L, 3);
+  if (tiered)
+    return push_tiered(L);
   if (flags & ACQ_CHECK) {
     lua_pushinteger(L, ST_ABSENT);
     lua_pushnil(L);
@@ -353,80 +478,19 @@ static int lsf_acquire(lua_State *L) {
     lua_pushvalue(L, 2);
     return 4;
   }
-  lsf_ensure_spares(L);
-  gd = lsf_guard_for_acquire(L, &spare); /* 3 */
-  ref = lsf_ref_spare(L);                /* 4 */
-  owner = gd->id; /* recursion is judged against the caller */
-  st = sf_acquire(g, key, len, (uintptr_t)cx, owner,
-                  ((flags & ACQ_COUNT) ? SF_ACQ_COUNT_CALL : 0) |
-                      ((flags & ACQ_JOIN_ONLY) ? SF_ACQ_JOIN_ONLY : 0),
-                  &c);
-  switch (st) {
-  case SF_LEADER:
-    if (flags & ACQ_DETACHED) { /* the light thread's, once it adopts it */
-      sf_set_owner(c, ++cx->next_id);
-      ref->c = c;
-      ref->kind = REF_LEADER;
-      lsf_ref_take_spare(L);
-      lua_pushinteger(L, ST_LEADER);
-      lua_pushlightuserdata(L, c);
-      lua_pushvalue(L, 4);
-      lua_pushvalue(L, 2);
-      return 4;
-    }
-    lua_settop(L, 3);
-    if (spare && lsf_guard_install(L, gd) != 0) {
-      sf_abandon(c); /* nobody here saw it; other states retry */
-      return lsf_raise_nomem(L);
-    }
-    lsf_guard_push(gd, c);
-    lua_pushinteger(L, ST_LEADER);
-    lua_pushlightuserdata(L, c);
-    lua_pushvalue(L, 3);
-    lua_pushvalue(L, 2);
-#if LSF_HAVE_TOCLOSE
-    if (!lsf_guard_is_main(L, gd)) {
-      gd->marks++;
-      lua_pushvalue(L, 3);
-      return 5;
-    }
-#endif
+  if (acquire_for(L, g, key, len, flags, &c, &gd, &gslot, &nret) !=
+          SF_LEADER ||
+      nret > 0)
+    return nret;
+  (void)gd;
+  lua_pushinteger(L, ST_LEADER);
+  lua_pushlightuserdata(L, c);
+  if (gslot)
+    lua_pushvalue(L, gslot);
+  else
     lua_pushboolean(L, 0);
-    return 5;
-  case SF_JOINED:
-  case SF_FOREIGN:
-    if (max_age >= 0 && sf_age(c) >= max_age) {
-      int expired = sf_expire(c);
-      sf_unjoin(c, (uintptr_t)cx);
-      lua_pushinteger(L, expired ? ST_EXPIRED : ST_ABSENT);
-      lua_pushlightuserdata(L, c);
-      lua_pushnil(L);
-      lua_pushvalue(L, 2);
-      return 4;
-    }
-    ref->c = c;
-    ref->kind = st == SF_JOINED ? REF_LOCAL : REF_FOREIGN;
-    lsf_ref_take_spare(L);
-    lua_pushinteger(L, st == SF_JOINED ? ST_JOINED : ST_FOREIGN);
-    lua_pushlightuserdata(L, c);
-    lua_pushvalue(L, 4);
-    lua_pushvalue(L, 2);
-    return 4;
-  case SF_ABSENT:
-    lua_pushinteger(L, ST_ABSENT);
-    lua_pushnil(L);
-    lua_pushnil(L);
-    lua_pushvalue(L, 2);
-    return 4;
-  case SF_RECURSIVE:
-    lua_pushinteger(L, ST_RECURSIVE);
-    lua_pushlightuserdata(L, c);
-    lua_pushvalue(L, 3);
-    lua_pushvalue(L, 2);
-    return 4;
-  default:
-    return lsf_raise_nomem(L);
-  }
+  lua_pushvalue(L, 2);
+  return 4;
 }
 
 typedef struct publish_job {
@@ -446,40 +510,190 @@ static int encode_protected(lua_State *L) {
 }
 
 /*
- * finish(guard, call, ok, a, b) -> shared, nlocal
  * The leader's fn returned a, b (ok) or raised the value a with the
- * traceback b: ends the call, hands foreign waiters their copy, and says
- * whether anyone joined and how many same-state waiters to wake.
+ * traceback b (stack indices): ends the call in the core and hands the
+ * foreign waiters their copy. The caller holds c through the running
+ * coroutine's guard, which gives it up here.
  */
-static int lsf_finish(lua_State *L) {
-  lsf_guard *gd = (lsf_guard *)lua_touserdata(L, 1);
-  sf_call *c = (sf_call *)lua_touserdata(L, 2);
-  int ok = lua_toboolean(L, 3), shared;
-  unsigned nlocal, nforeign;
-  if (!gd || !lua_getmetatable(L, 1) || !lua_rawequal(L, -1, UV_GUARD_MT))
-    return luaL_argerror(L, 1, "guard expected");
-  lua_pop(L, 1);
-  if (!c || !lsf_guard_pop(gd, c))
-    return luaL_argerror(L, 2, "not a call of this guard");
-  nforeign = sf_finish(c, !ok, &shared, &nlocal);
+static void finish_call(lua_State *L, lsf_guard *gd, sf_call *c, int ok,
+                        int a, int b, int *shared, unsigned *nlocal) {
+  unsigned nforeign;
+  if (!gd || !lsf_guard_pop(gd, c))
+    luaL_error(L, "singleflight: finish of a call this coroutine does not lead");
+  nforeign = sf_finish(c, !ok, shared, nlocal);
   if (nforeign > 0) {
     publish_job j;
     j.c = c;
     j.ok = ok;
     j.payload = NULL;
-    lua_settop(L, 5);
+    a = lua_absindex(L, a);
+    b = lua_absindex(L, b);
     lua_pushcfunction(L, encode_protected);
     lua_pushlightuserdata(L, &j);
-    lua_pushvalue(L, 4);
-    lua_pushvalue(L, 5);
+    lua_pushvalue(L, a);
+    lua_pushvalue(L, b);
     if (lua_pcall(L, 3, 0, 0) != 0)
       lua_pop(L, 1); /* no payload: the waiters are told so */
     sf_publish(c, j.payload, lsf_free_payload);
   }
+}
+
+/*
+ * finish(call, ok, a, b) -> shared, nlocal
+ * The running coroutine's lead of call ends with fn's results a, b (ok) or
+ * its panic's value a and traceback b: says whether anyone joined and how
+ * many same-state waiters to wake.
+ */
+static int lsf_finish(lua_State *L) {
+  sf_call *c = (sf_call *)lua_touserdata(L, 1);
+  int shared;
+  unsigned nlocal;
+  luaL_argcheck(L, c && lua_islightuserdata(L, 1), 1, "call expected");
+  lua_settop(L, 4);
+  finish_call(L, lsf_guard_running(L), c, lua_toboolean(L, 2), 3, 4, &shared,
+              &nlocal);
   lua_pushboolean(L, shared);
   lua_pushinteger(L, (lua_Integer)nlocal);
   return 2;
 }
+
+#if LSF_HAVE_PCALLK
+
+/*
+ * The leader's frame, 5.2 and later: fn runs under lua_pcallk, so it may
+ * yield, with the frame laid out as
+ *   1 call, 2 key, 3 message handler, [4 guard,] fn, args...
+ * The guard's slot is there for a coroutine (on 5.4 it is to-be-closed:
+ * coroutine.close of a leader suspended in fn abandons its call); the main
+ * thread's guard is cached. The continuation finds everything there.
+ */
+
+/* Where the message handler leaves the traceback, in the registry. */
+static const char traceback_slot = 0;
+
+/* The message handler: notes the traceback beside the value, untouched. */
+static int lead_msgh(lua_State *L) {
+  luaL_traceback(L, L, NULL, 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &traceback_slot);
+  return 1;
+}
+
+static int lead_done(lua_State *L, int status) {
+  sf_call *c = (sf_call *)lua_touserdata(L, 1);
+  lsf_guard *gd = lsf_guard_running(L);
+  int shared, top = lua_gettop(L);
+  unsigned nlocal;
+  if (status == LUA_OK || status == LUA_YIELD) { /* v, err on top */
+    finish_call(L, gd, c, 1, top - 1, top, &shared, &nlocal);
+    lua_pushinteger(L, nlocal ? ST_DELIVER : ST_DONE);
+    lua_pushvalue(L, top - 1);
+    lua_pushvalue(L, top);
+    lua_pushboolean(L, shared);
+    if (!nlocal)
+      return 4;
+    lua_pushlightuserdata(L, c);
+    return 5;
+  }
+  /* the panic's value on top, its traceback where the handler put it */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &traceback_slot);
+  if (lua_type(L, -1) != LUA_TSTRING) { /* the handler itself failed */
+    lua_pop(L, 1);
+    lua_pushliteral(L, "");
+  }
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &traceback_slot);
+  finish_call(L, gd, c, 0, top, top + 1, &shared, &nlocal);
+  lua_pushinteger(L, ST_PANICKED);
+  lua_pushvalue(L, top);
+  lua_pushvalue(L, top + 1);
+  if (nlocal)
+    lua_pushlightuserdata(L, c);
+  else
+    lua_pushnil(L);
+  lua_pushvalue(L, 2);
+  return 5;
+}
+
+#if LUA_VERSION_NUM >= 503
+static int lead_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)ctx;
+  return lead_done(L, status);
+}
+#else
+static int lead_k(lua_State *L) {
+  return lead_done(L, lua_getctx(L, NULL));
+}
+#endif
+
+/* Runs fn at 3 (its arguments above it) as the leader of c, with the
+ * coroutine's guard on top when gslot is set: lays the frame out as
+ *   1 call, 2 key, 3 message handler, [4 guard,] fn, args...  */
+static int lead_frame(lua_State *L, sf_call *c, int gslot) {
+  int base = gslot ? 5 : 4;
+  lua_pushlightuserdata(L, c);
+  lua_replace(L, 1);
+  if (gslot)
+    lua_insert(L, 3);
+  lua_pushcfunction(L, lead_msgh);
+  lua_insert(L, 3);
+#if LSF_HAVE_TOCLOSE
+  if (gslot) {
+    ((lsf_guard *)lua_touserdata(L, 4))->marks++;
+    lua_toclose(L, 4);
+  }
+#endif
+  return lead_done(L, lua_pcallk(L, lua_gettop(L) - base, 2, 3, 0, lead_k));
+}
+
+static int run_with(lua_State *L, unsigned flags) {
+  const char *key;
+  size_t len;
+  sf_call *c;
+  lsf_guard *gd;
+  int gslot, nret, tiered;
+  sf_group *g = check_call_args(L, "call", flags, &key, &len, &tiered);
+  if (tiered)
+    return push_tiered(L);
+  if (acquire_for(L, g, key, len, flags, &c, &gd, &gslot, &nret) != SF_LEADER ||
+      nret > 0)
+    return nret;
+  return lead_frame(L, c, gslot);
+}
+
+/* run(g, key, fn, ...): a new call; rerun: a waiter's take-over. */
+static int lsf_run(lua_State *L) {
+  return run_with(L, ACQ_COUNT);
+}
+
+static int lsf_rerun(lua_State *L) {
+  return run_with(L, 0);
+}
+
+/* The same for a tier's own call in this state (see set_tiered). */
+static int lsf_run_local(lua_State *L) {
+  return run_with(L, ACQ_COUNT | ACQ_LOCAL);
+}
+
+static int lsf_rerun_local(lua_State *L) {
+  return run_with(L, ACQ_LOCAL);
+}
+
+/* lead(call, key, fn, ...): runs fn for a call the running coroutine
+ * leads already (adopted from a future). */
+static int lsf_lead(lua_State *L) {
+  sf_call *c = (sf_call *)lua_touserdata(L, 1);
+  lsf_ctx *cx = lsf_ctx_of(L);
+  int gslot = 0;
+  luaL_argcheck(L, c && lua_islightuserdata(L, 1), 1, "call expected");
+  if (L != cx->main_L) {
+    lua_pushthread(L);
+    lua_rawget(L, UV_GUARDS);
+    gslot = lua_gettop(L);
+  }
+  return lead_frame(L, c, gslot);
+}
+
+#endif /* LSF_HAVE_PCALLK */
 
 /* decode(payload), protected: the reference is released whatever
  * happens. */
@@ -603,7 +817,7 @@ static int lsf_adopt(lua_State *L) {
   luaL_argcheck(L, r->kind == REF_LEADER, 1, "a started call expected");
   lua_settop(L, 1);
   lsf_ensure_spares(L);
-  gd = lsf_guard_for_acquire(L, &spare); /* 2 */
+  gd = lsf_guard_for_acquire(L, &spare);
   if (spare && lsf_guard_install(L, gd) != 0)
     return lsf_raise_nomem(L); /* the ref still leads */
   sf_retain(r->c, 1);
@@ -611,16 +825,23 @@ static int lsf_adopt(lua_State *L) {
   r->kind = REF_WATCH;
   sf_set_owner(r->c, gd->id);
   lua_pushlightuserdata(L, r->c);
-  lua_pushvalue(L, 2);
-#if LSF_HAVE_TOCLOSE
-  if (!lsf_guard_is_main(L, gd)) {
-    gd->marks++;
-    lua_pushvalue(L, 2);
-    return 3;
-  }
-#endif
-  lua_pushboolean(L, 0);
-  return 3;
+  return 1;
+}
+
+/* guard() -> the running coroutine's guard, or nil. */
+static int lsf_running_guard(lua_State *L) {
+  lua_pushthread(L);
+  lua_rawget(L, UV_GUARDS);
+  return 1;
+}
+
+/* set_tiered(g): the group's calls go through a tier above this state
+ * (see singleflight.shm): run and acquire say TIERED but with ACQ_LOCAL. */
+static int lsf_set_tiered(lua_State *L) {
+  lsf_group *ug = test_group(L, 1);
+  luaL_argcheck(L, ug != NULL, 1, "group expected");
+  ug->tiered = 1;
+  return 0;
 }
 
 /* ---- odds and ends ---- */
@@ -656,6 +877,15 @@ static const luaL_Reg functions[] = {
   {"expire", lsf_expire},
   {"age", lsf_age},
   {"adopt", lsf_adopt},
+  {"guard", lsf_running_guard},
+  {"set_tiered", lsf_set_tiered},
+#if LSF_HAVE_PCALLK
+  {"run", lsf_run},
+  {"rerun", lsf_rerun},
+  {"run_local", lsf_run_local},
+  {"rerun_local", lsf_rerun_local},
+  {"lead", lsf_lead},
+#endif
   {"count", lsf_count},
   {"encode", lsf_encode},
   {"decode", lsf_decode},
@@ -757,6 +987,10 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_setfield(L, module, "DETACHED");
   lua_pushinteger(L, ACQ_CHECK);
   lua_setfield(L, module, "CHECK");
+  lua_pushinteger(L, ACQ_LOCAL);
+  lua_setfield(L, module, "LOCAL");
+  lua_pushinteger(L, ACQ_DEEPER);
+  lua_setfield(L, module, "DEEPER");
   lua_pushboolean(L, LSF_HAVE_TOCLOSE);
   lua_setfield(L, module, "closes");
   return 1;

@@ -36,18 +36,27 @@
 #define UV_SPARES lua_upvalueindex(6) /* {guard, ref} made ahead of need */
 #define LSF_NUPVALUES 6
 
+/* Slots of the spares table. */
+enum { SPARE_GUARD = 1, SPARE_REF = 2 };
+
 struct lsf_guard;
 
 /* One per lua_State: its address is the state's domain in the core. */
 typedef struct lsf_ctx {
-  uintptr_t next_id;            /* owner ids given so far */
-  struct lsf_guard *main_guard; /* the main thread's, once made */
-  lua_State *main_L;            /* the main thread, once seen */
+  uintptr_t next_id;             /* owner ids given so far */
+  struct lsf_guard *main_guard;  /* the main thread's, once made */
+  lua_State *main_L;             /* the main thread, once seen */
+  struct lsf_guard *spare_guard; /* UV_SPARES[1], or NULL */
+  struct lsf_ref *spare_ref;     /* UV_SPARES[2], or NULL */
 } lsf_ctx;
 
 typedef struct lsf_group {
-  sf_group *g; /* NULL once closed */
+  const void *tag; /* &lsf_group_tag: a cheap check on the fast path */
+  sf_group *g;     /* NULL once closed */
+  int tiered;      /* calls go through a tier above this state (shm) */
 } lsf_group;
+
+extern const char lsf_group_tag;
 
 #define GUARD_INLINE 4
 
@@ -86,15 +95,14 @@ extern const luaL_Reg lsf_holder_functions[];
 extern const luaL_Reg lsf_guard_metamethods[];
 extern const luaL_Reg lsf_ref_metamethods[];
 lsf_guard *lsf_guard_for_acquire(lua_State *L, int *spare);
+lsf_guard *lsf_guard_running(lua_State *L);
 int lsf_guard_install(lua_State *L, lsf_guard *gd);
 void lsf_guard_push(lsf_guard *gd, sf_call *c);
 int lsf_guard_pop(lsf_guard *gd, sf_call *c);
-int lsf_guard_is_main(lua_State *L, lsf_guard *gd);
-lsf_ref *lsf_ref_spare(lua_State *L);
-void lsf_ref_take_spare(lua_State *L);
+lsf_ref *lsf_ref_take_spare(lua_State *L);
 lsf_ref *lsf_check_ref(lua_State *L, int idx);
 lsf_guard *lsf_check_guard(lua_State *L, int idx);
-int lsf_ensure_spares(lua_State *L);
+void lsf_ensure_spares(lua_State *L);
 
 /* lsf_copy.c: payloads for sf_publish, and strings for encode/decode */
 void *lsf_encode_payload(lua_State *L, int ok, int a, int b, const char *key,

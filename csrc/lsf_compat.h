@@ -10,6 +10,10 @@
 
 #if LUA_VERSION_NUM < 502
 /* 5.1 and LuaJIT */
+#define lsf_rawlen(L, i) lua_objlen((L), (i))
+#define LSF_HAVE_PCALLK 0
+#define lua_absindex(L, i) \
+  ((i) > 0 || (i) <= LUA_REGISTRYINDEX ? (i) : lua_gettop(L) + (i) + 1)
 static inline void lsf_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
   luaL_checkstack(L, nup, "too many upvalues");
   for (; l->name; l++) {
@@ -45,6 +49,11 @@ static inline const char *lsf_tolstring(lua_State *L, int idx, size_t *len) {
   return lua_tolstring(L, -1, len);
 }
 #define luaL_tolstring(L, i, len) lsf_tolstring((L), (i), (len))
+#endif
+
+#if LUA_VERSION_NUM >= 502
+#define lsf_rawlen(L, i) lua_rawlen((L), (i))
+#define LSF_HAVE_PCALLK 1
 #endif
 
 #if LUA_VERSION_NUM >= 503

@@ -20,8 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { SPARE_GUARD = 1, SPARE_REF = 2 };
-
 /* ---- guards ---- */
 
 lsf_guard *lsf_check_guard(lua_State *L, int idx) {
@@ -48,21 +46,19 @@ static lsf_ref *ref_new(lua_State *L) {
 
 /* Makes the spares that are missing; raises on a memory error, before
  * anything was acquired. */
-int lsf_ensure_spares(lua_State *L) {
-  lua_rawgeti(L, UV_SPARES, SPARE_GUARD);
-  if (lua_isnil(L, -1)) {
+void lsf_ensure_spares(lua_State *L) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  if (!cx->spare_guard) {
     lsf_guard *gd = guard_new(L);
-    gd->id = ++lsf_ctx_of(L)->next_id;
+    gd->id = ++cx->next_id;
     lua_rawseti(L, UV_SPARES, SPARE_GUARD);
+    cx->spare_guard = gd;
   }
-  lua_pop(L, 1);
-  lua_rawgeti(L, UV_SPARES, SPARE_REF);
-  if (lua_isnil(L, -1)) {
-    ref_new(L);
+  if (!cx->spare_ref) {
+    lsf_ref *r = ref_new(L);
     lua_rawseti(L, UV_SPARES, SPARE_REF);
+    cx->spare_ref = r;
   }
-  lua_pop(L, 1);
-  return 0;
 }
 
 /* Room for one more call, before acquiring: raises if there is none. */
@@ -85,31 +81,55 @@ static void guard_reserve(lua_State *L, lsf_guard *gd) {
 }
 
 /*
- * Pushes the running coroutine's guard, or the spare guard when it has
- * none yet (*spare = 1): its id is what the core compares for recursion.
- * Either has room for one more call. Spares must exist.
+ * The running coroutine's guard, or the spare guard when it has none yet
+ * (*spare = 1): its id is what the core compares for recursion. Either has
+ * room for one more call. The main thread's is cached and not pushed;
+ * a coroutine's is pushed (it is the leader frame's to close, on 5.4).
+ * Spares must exist.
  */
 lsf_guard *lsf_guard_for_acquire(lua_State *L, int *spare) {
   lsf_ctx *cx = lsf_ctx_of(L);
   lsf_guard *gd;
   *spare = 0;
   if (L == cx->main_L && cx->main_guard) {
-    lua_pushthread(L);
-    lua_rawget(L, UV_GUARDS);
     gd = cx->main_guard;
   } else {
-    if (lua_pushthread(L))
+    if (lua_pushthread(L)) {
       cx->main_L = L;
-    lua_rawget(L, UV_GUARDS);
-    gd = (lsf_guard *)lua_touserdata(L, -1);
-    if (!gd) {
-      lua_pop(L, 1);
-      lua_rawgeti(L, UV_SPARES, SPARE_GUARD);
+      lua_rawget(L, UV_GUARDS);
       gd = (lsf_guard *)lua_touserdata(L, -1);
-      *spare = 1;
+      lua_pop(L, 1);
+      if (gd) {
+        cx->main_guard = gd;
+      } else {
+        gd = cx->spare_guard;
+        *spare = 1;
+      }
+    } else {
+      lua_rawget(L, UV_GUARDS);
+      gd = (lsf_guard *)lua_touserdata(L, -1);
+      if (!gd) {
+        lua_pop(L, 1);
+        lua_rawgeti(L, UV_SPARES, SPARE_GUARD);
+        gd = cx->spare_guard;
+        *spare = 1;
+      }
     }
   }
   guard_reserve(L, gd);
+  return gd;
+}
+
+/* The running coroutine's guard, or NULL; pushes nothing. */
+lsf_guard *lsf_guard_running(lua_State *L) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  lsf_guard *gd;
+  if (L == cx->main_L)
+    return cx->main_guard;
+  lua_pushthread(L);
+  lua_rawget(L, UV_GUARDS);
+  gd = (lsf_guard *)lua_touserdata(L, -1);
+  lua_pop(L, 1);
   return gd;
 }
 
@@ -122,28 +142,25 @@ static int install_protected(lua_State *L) {
 }
 
 /*
- * The spare guard on top of the stack becomes the running coroutine's.
- * Returns 0, or -1 on a memory error (the guard stays the spare).
+ * The spare guard becomes the running coroutine's. Returns 0, or -1 on a
+ * memory error (the guard stays the spare).
  */
 int lsf_guard_install(lua_State *L, lsf_guard *gd) {
   lsf_ctx *cx = lsf_ctx_of(L);
   int top = lua_gettop(L);
   lua_pushcfunction(L, install_protected);
-  lua_pushvalue(L, top);
+  lua_rawgeti(L, UV_SPARES, SPARE_GUARD);
   lua_pushvalue(L, UV_GUARDS);
   if (lua_pcall(L, 2, 0, 0) != 0) {
     lua_settop(L, top);
     return -1;
   }
+  cx->spare_guard = NULL;
   lua_pushnil(L);
   lua_rawseti(L, UV_SPARES, SPARE_GUARD); /* a nil store never allocates */
   if (L == cx->main_L)
     cx->main_guard = gd;
   return 0;
-}
-
-int lsf_guard_is_main(lua_State *L, lsf_guard *gd) {
-  return lsf_ctx_of(L)->main_guard == gd;
 }
 
 void lsf_guard_push(lsf_guard *gd, sf_call *c) {
@@ -268,15 +285,15 @@ lsf_ref *lsf_check_ref(lua_State *L, int idx) {
   return (lsf_ref *)luaL_checkudata(L, idx, REF_MT);
 }
 
-/* Pushes the spare ref (spares must exist). */
-lsf_ref *lsf_ref_spare(lua_State *L) {
+/* Pushes the spare ref, no longer spare (spares must exist). */
+lsf_ref *lsf_ref_take_spare(lua_State *L) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  lsf_ref *r = cx->spare_ref;
   lua_rawgeti(L, UV_SPARES, SPARE_REF);
-  return (lsf_ref *)lua_touserdata(L, -1);
-}
-
-void lsf_ref_take_spare(lua_State *L) {
+  cx->spare_ref = NULL;
   lua_pushnil(L);
   lua_rawseti(L, UV_SPARES, SPARE_REF);
+  return r;
 }
 
 /* release(ref) -> call, abandoned | nothing: gives up what the ref holds;

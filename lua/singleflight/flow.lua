@@ -1,10 +1,10 @@
 --- singleflight.flow: one g:call, from the top to the bottom and back.
 --
---   call      acquire the key; the leader runs fn (runner) and settles;
---             a duplicate joins
---   settle    the leader's fn is done: finish the call in the core (which
---             hands waiters in other Lua states their copy) and deliver the
---             result to the waiters of this state
+--   call      the runner acquires the key and, for a leader, runs fn and
+--             finishes the call in the core (which hands waiters in other
+--             Lua states their copy); what is left comes back as a status:
+--   after     deliver the result to the waiters of this state, raise the
+--             panic, or join
 --   join      a duplicate waits (here: through the backend; for a call led
 --             in another state: in the core), then returns the result,
 --             raises the panic, gives up (timeout) or takes over (the
@@ -28,21 +28,20 @@ local error, pairs, pcall, rawget, select, setmetatable, type =
       error, pairs, pcall, rawget, select, setmetatable, type
 local sfmt = string.format
 
-local acquire, finish, core_wait, state, unjoin, leave, release, expire, age,
-      abandon, abandon_call, leaders, calls, now, quote, core_count =
-      core.acquire, core.finish, core.wait, core.state, core.unjoin,
-      core.leave, core.release, core.expire, core.age, core.abandon,
-      core.abandon_call, core.leaders, core.calls, core.now, core.quote,
-      core.count
+local core_wait, state, unjoin, leave, release, expire, age, abandon,
+      abandon_call, leaders, calls, now, quote, core_count =
+      core.wait, core.state, core.unjoin, core.leave, core.release,
+      core.expire, core.age, core.abandon, core.abandon_call, core.leaders,
+      core.calls, core.now, core.quote, core.count
 local co_running, co_status = coroutine.running, coroutine.status
 local getinfo, getlocal = debug.getinfo, debug.getlocal
-local is_panic, panic_of, new_panic = panic.is_panic, panic.of, panic.new
+local panic_of, new_panic = panic.of, panic.new
 local resolve, cannot_wait, interpreted =
       backends.resolve, backends.cannot_wait, backends.interpreted
 local DEFAULTS = options.DEFAULTS
 
-local LEADER, JOINED, EXPIRED, RECURSIVE = 0, 1, 4, 5
-local COUNT = core.COUNT
+local DONE, JOINED, EXPIRED, RECURSIVE, PANICKED, DELIVER, TIERED =
+      0, 1, 4, 5, 6, 7, 8
 local TIMEOUT = "singleflight: wait timed out"
 local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 
@@ -212,31 +211,30 @@ M.wait_flight = wait_flight
 ---------------------------------------------------------------------------
 -- The leader's side
 
--- The leader's fn returned v, err (ok) or raised (v: the panic).
-local function settle(gd, c, skey, ok, v, err)
-  local shared, nlocal
-  if ok then
-    shared, nlocal = finish(gd, c, true, v, err)
-    if nlocal > 0 then
-      deliver(c, true, v, err, nil, shared)
-    end
-    return v, err, shared
-  end
-  if is_panic(v) then
-    shared, nlocal = finish(gd, c, false, v.value, v.traceback)
-  else -- the message handler itself failed
-    shared, nlocal = finish(gd, c, false, v, "")
-  end
-  local p = panic_of(v, skey)
-  if nlocal > 0 then
-    deliver(c, false, nil, nil, p, shared)
-  end
-  error(p, 0)
-end
-
-local lead = runner.leader(settle)
+local run, rerun, run_local, rerun_local, lead =
+      runner.run, runner.rerun, runner.run_local, runner.rerun_local, runner.lead
 M.lead = lead
-local check_recursion
+local check_recursion, join
+
+-- What a run that did not end in DONE left to do: st and a, b, c, d are
+-- its status and values (see runner.lua); retake is how a waiter of this
+-- call takes over.
+local function after(self, key, fn, retake, st, a, b, c, d, ...)
+  if st == DELIVER then -- v, err, shared, call
+    deliver(d, true, a, b, nil, c)
+    return a, b, c
+  elseif st == PANICKED then -- value, traceback, call|nil, key
+    local p = new_panic(a, b, d)
+    if c then
+      deliver(c, false, nil, nil, p)
+    end
+    error(p, 0)
+  elseif st == TIERED then
+    return M.tiered(self, key, fn, ...)
+  end
+  return join(self, st, a, b, c, retake, fn, ...) -- call, holder, key
+end
+M.after = after
 
 -- A caller that gave up waiting and runs fn itself, unshared.
 local function run_unshared(self, skey, fn, ...)
@@ -340,7 +338,7 @@ local function wait_foreign(opts, ref, skey, deadline)
   end
 end
 
-local function join(self, st, c, ref, skey, fn, ...)
+function join(self, st, c, ref, skey, retake, fn, ...)
   local opts = opts_of[self] or DEFAULTS
   -- one deadline for the whole wait, across leaders that go away
   local deadline = opts.timeout and now() + opts.timeout
@@ -380,11 +378,14 @@ local function join(self, st, c, ref, skey, fn, ...)
       error(ok, 0)
     end
     -- abandoned: the first waiter back becomes the new leader
-    local tbc
-    st, c, ref, skey, tbc = acquire(self, skey, fn, "call", 0)
-    if st == LEADER then
-      return lead(self, c, ref, tbc, skey, fn, ...)
+    local a, b, d
+    st, a, b, d, c = retake(self, skey, fn, ...)
+    if st == DONE then
+      return a, b, d
+    elseif st == DELIVER or st == PANICKED then
+      return after(self, skey, fn, retake, st, a, b, d, c, ...)
     end
+    c, ref, skey = a, b, d
   end
 end
 
@@ -435,7 +436,7 @@ function check_recursion(c, gd, skey)
   if not (backends.in_openresty() and not led_on(co_running(), c)) then
     error("singleflight: recursive call for key " .. quote(skey), 0)
   end
-  if abandon_call(gd, c) then
+  if abandon_call(gd or core.guard(), c) then
     gone(c)
   end
 end
@@ -477,14 +478,30 @@ end
 -- g:call(key, fn, ...)
 
 function M.call(self, key, fn, ...)
-  local st, c, h, skey, tbc = acquire(self, key, fn, "call", COUNT)
-  if st == LEADER then
-    return lead(self, c, h, tbc, skey, fn, ...)
+  local st, a, b, c, d = run(self, key, fn, ...)
+  if st == DONE then
+    return a, b, c
   end
-  return join(self, st, c, h, skey, fn, ...)
+  return after(self, key, fn, rerun, st, a, b, c, d, ...)
+end
+
+--- g:call in this Lua state only, for a tier above it (shm): its fn is
+-- the tier's.
+function M.call_local(self, key, fn, ...)
+  local st, a, b, c, d = run_local(self, key, fn, ...)
+  if st == DONE then
+    return a, b, c
+  end
+  return after(self, key, fn, rerun_local, st, a, b, c, d, ...)
+end
+
+--- The tier of a tiered group (set by singleflight.shm).
+function M.tiered()
+  error("singleflight: this group's tier is not loaded", 2)
 end
 
 -- For futures (singleflight.future).
+M.deliver = deliver
 M.check_recursion = check_recursion
 M.flight = flight
 M.gone = gone

@@ -23,12 +23,12 @@ local acquire, adopt, core_wait, release, state, now, quote =
       core.quote
 local is_panic, new_panic = panic.is_panic, panic.new
 local resolve, cannot_wait = backends.resolve, backends.cannot_wait
-local flight, gone, drop_waiter, wait_flight, lead, call =
-      flow.flight, flow.gone, flow.drop_waiter, flow.wait_flight, flow.lead,
-      flow.call
+local flight, gone, drop_waiter, wait_flight, deliver, lead, call =
+      flow.flight, flow.gone, flow.drop_waiter, flow.wait_flight, flow.deliver,
+      runner.lead, flow.call
 local opts_of, TIMEOUT = flow.opts_of, flow.TIMEOUT
 
-local LEADER, JOINED, FOREIGN, RECURSIVE = 0, 1, 2, 5
+local LEADER, JOINED, FOREIGN, RECURSIVE, PANICKED, DELIVER = 0, 1, 2, 5, 6, 7
 
 local Future = { __name = "singleflight.Future" }
 Future.__index = Future
@@ -41,10 +41,20 @@ local function check_future(f, fname)
 end
 
 -- The light thread of a future that leads: it adopts the call and runs fn;
--- the result reaches the future through the call's flight.
+-- the result reaches the future through the call's flight (the future
+-- watches it: the run always has someone to deliver to).
+local function lead_adopted(f)
+  local st, a, b, c, d = lead(f.group, adopt(f.ref), f.key, f.fn,
+                              unpack(f.args, 1, f.n))
+  if st == DELIVER then
+    deliver(d, true, a, b, nil, c)
+  elseif st == PANICKED and c then
+    deliver(c, false, nil, nil, new_panic(a, b, d))
+  end
+end
+
 local function body(f)
-  local c, gd, tbc = adopt(f.ref)
-  runner.protect(lead, f.group, c, gd, tbc, f.key, f.fn, unpack(f.args, 1, f.n))
+  runner.protect(lead_adopted, f)
 end
 
 local function fulfil(f, ok, v, err, shared)

@@ -1,61 +1,71 @@
---- singleflight.runner: the leader's frame, the one place where the Lua
--- versions differ in running fn.
+--- singleflight.runner: the leader's step, the one place where the Lua
+-- runtimes differ.
 --
---   leader(settle) -> lead(group, call, guard, tbc, key, fn, ...)
---     runs fn(...) protected, then returns settle(guard, call, key, ok, ...);
---     its frame keeps the group's handle alive while fn runs.
---     On Lua 5.4 the frame closes `tbc` (the leader's guard, in a coroutine),
---     so that coroutine.close abandons a leader suspended inside fn.
---     On Lua 5.1, where a yield can't cross pcall, fn runs in a helper
---     coroutine whose yields are passed up to the caller's scheduler.
---   protect(fn, ...) -> true, v, err | false, panic: fn run protected, on
---     its own (a caller that gave up waiting and runs fn unshared).
+--   run(g, key, fn, ...)     acquire the key (a new call, counted); lead it:
+--   rerun(g, key, fn, ...)   the same for a waiter taking over (not counted)
+--   run_local, rerun_local   the same for a tier's own call in this state
+--   lead(g, call, key, fn, ...)   lead a call acquired already (a future's)
+--     -> DONE 0, v, err, shared | DELIVER 7, v, err, shared, call
+--      | PANICKED 6, value, traceback, call|nil, key
+--      | or acquire's status for a caller that does not lead (joined,
+--        foreign, recursive, tiered: see csrc/lsf.c)
+--     fn runs protected; its frame keeps the group's handle alive.
+--   protect(fn, ...) -> true, ... | false, panic: fn run protected, on its
+--     own (a caller that gave up waiting and runs fn unshared).
 --   running() -> the coroutine the caller's scheduler resumes (on 5.1,
---     the one past those helpers).
+--     the one past the helper coroutines below).
+--
+-- Lua 5.2 and later run the leader in C (core.run: lua_pcallk, and on 5.4
+-- the frame closes the coroutine's guard, so that coroutine.close abandons
+-- a leader suspended in fn). LuaJIT and 5.1 run it here, over acquire and
+-- finish; on 5.1, where a yield can't cross pcall, fn runs in a helper
+-- coroutine whose yields are passed up to the caller's scheduler.
 
 local core = require "singleflight.core"
 local panic = require "singleflight.panic"
 
-local load, rawget, setmetatable, xpcall = load, rawget, setmetatable, xpcall
+local rawget, setmetatable, xpcall = rawget, setmetatable, xpcall
 local co_create, co_resume, co_running, co_status, co_yield =
       coroutine.create, coroutine.resume, coroutine.running, coroutine.status,
       coroutine.yield
 local traceback = debug.traceback
-local handler = panic.handler
+local handler, is_panic = panic.handler, panic.is_panic
+local acquire, finish, COUNT = core.acquire, core.finish, core.COUNT
+
+local DONE, PANICKED, DELIVER = 0, 6, 7
 
 local M = {}
 local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 
 M.running = co_running
 
-if not LUA51 then
-  M.protect = function(fn, ...)
-    return xpcall(fn, handler, ...)
+-- What the leader's protected fn gave, as the statuses of core.run.
+local function settled(c, key, ok, v, err)
+  if ok then
+    local shared, nlocal = finish(c, true, v, err)
+    if nlocal > 0 then
+      return DELIVER, v, err, shared, c
+    end
+    return DONE, v, err, shared
   end
+  local value, tb = v, ""
+  if is_panic(v) then -- the handler's; a bare value if it failed itself
+    value, tb = v.value, v.traceback
+  end
+  local _, nlocal = finish(c, false, value, tb)
+  return PANICKED, value, tb, nlocal > 0 and c or nil, key
 end
 
-if core.closes then
-  -- the to-be-closed variable is Lua 5.4 syntax: compiled here, on 5.4 only
-  local make = load([[
-    local settle, xpcall, handler = ...
-    return function(_, c, gd, tbc, key, fn, ...)
-      local _ <close> = tbc
-      return settle(gd, c, key, xpcall(fn, handler, ...))
-    end]], "=singleflight.runner(5.4)")
-  M.leader = function(settle)
-    return make(settle, xpcall, handler)
-  end
-elseif not LUA51 then
-  M.leader = function(settle)
-    return function(_, c, gd, _, key, fn, ...)
-      return settle(gd, c, key, xpcall(fn, handler, ...))
-    end
+local protect
+if not LUA51 then
+  protect = function(_, fn, ...)
+    return xpcall(fn, handler, ...)
   end
 else
   -- helper -> the coroutine that runs it (false: the main one)
   local parent51 = setmetatable({}, { __mode = "kv" })
   local getinfo = debug.getinfo
-  local alias = core.alias
+  local alias, guard = core.alias, core.guard
 
   -- True when co's stack holds a C function that called back into Lua
   -- (pcall, table.sort, a metamethod, ...): 5.1 can't yield across it.
@@ -114,22 +124,17 @@ else
     return fn(...)
   end
 
-  local function protect(gd, fn, ...)
+  -- gd: the guard whose calls fn runs for (its recursion is theirs)
+  protect = function(gd, fn, ...)
     local co = co_create(body)
+    if gd == true then
+      gd = guard()
+    end
     if gd then
       alias(co, gd)
     end
     parent51[co] = co_running() or false
     return step(co, co_resume(co, fn, ...))
-  end
-
-  M.leader = function(settle)
-    return function(_, c, gd, _, key, fn, ...)
-      return settle(gd, c, key, protect(gd, fn, ...))
-    end
-  end
-  M.protect = function(fn, ...)
-    return protect(nil, fn, ...)
   end
 
   M.running = function()
@@ -143,6 +148,45 @@ else
     end
     return nil
   end
+end
+
+M.protect = function(fn, ...)
+  return protect(nil, fn, ...)
+end
+
+if core.run then
+  M.run, M.rerun = core.run, core.rerun
+  M.run_local, M.rerun_local = core.run_local, core.rerun_local
+  M.lead = function(_, c, key, fn, ...)
+    return core.lead(c, key, fn, ...)
+  end
+else
+  -- Its frame is the leader's while fn runs: the sweep of flow.lua looks
+  -- for it (and for the call, its second argument).
+  local lead
+  if LUA51 then
+    lead = function(_, c, key, fn, ...)
+      return settled(c, key, protect(true, fn, ...))
+    end
+  else
+    lead = function(_, c, key, fn, ...)
+      return settled(c, key, xpcall(fn, handler, ...))
+    end
+  end
+  M.lead = lead
+  local function runner(flags)
+    return function(g, key, fn, ...)
+      local st, c, gd, skey = acquire(g, key, fn, "call", flags)
+      if st ~= 0 then
+        return st, c, gd, skey
+      end
+      return lead(g, c, skey, fn, ...)
+    end
+  end
+  -- (DEEPER: errors blame the caller of call, past this frame)
+  local DEEPER, LOCAL = core.DEEPER, core.LOCAL
+  M.run, M.rerun = runner(COUNT + DEEPER), runner(DEEPER)
+  M.run_local, M.rerun_local = runner(COUNT + LOCAL + DEEPER), runner(LOCAL + DEEPER)
 end
 
 return M
