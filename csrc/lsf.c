@@ -325,6 +325,9 @@ static int lsf_count(lua_State *L) {
  *     DELIVER   7, v, err, shared, call   same-state waiters to wake
  *     PANICKED  6, value, traceback, call|nil, key   fn raised; call is
  *               given when same-state waiters are to be told
+ *     DONE_GONE 9, v, err, shared, call      the call had expired (max_age):
+ *     PANICKED_GONE 10, value, traceback, call, key   the result is the
+ *               leader's alone, and same-state waiters are to take over
  * Bad arguments (naming fname) and memory errors raise, having changed
  * nothing.
  */
@@ -337,7 +340,9 @@ enum {
   ST_RECURSIVE = 5,
   ST_PANICKED = 6,
   ST_DELIVER = 7,
-  ST_TIERED = 8
+  ST_TIERED = 8,
+  ST_DONE_GONE = 9,
+  ST_PANICKED_GONE = 10
 };
 
 /* The group at 1 on the fast path: a tag read instead of a metatable
@@ -388,8 +393,9 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
   int st, spare, top = lua_gettop(L);
 
   *nret = 0;
-  lsf_ensure_spares(L);
-  gd = lsf_guard_for_acquire(L, &spare); /* pushed unless the main's */
+  if (!cx->spare_guard || !cx->spare_ref)
+    lsf_ensure_spares(L, cx);
+  gd = lsf_guard_for_acquire(L, cx, &spare); /* pushed unless the main's */
   *gslot = lua_gettop(L) > top ? lua_gettop(L) : 0;
   st = sf_acquire(g, key, len, (uintptr_t)cx, gd->id,
                   ((flags & ACQ_COUNT) ? SF_ACQ_COUNT_CALL : 0) |
@@ -415,10 +421,12 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
     *nret = 0;
     return SF_LEADER;
   case SF_JOINED:
+    lsf_ref_join(L, c);
+    break;
   case SF_FOREIGN: {
     lsf_ref *ref = lsf_ref_take_spare(L);
     ref->c = c;
-    ref->kind = st == SF_JOINED ? REF_LOCAL : REF_FOREIGN;
+    ref->kind = REF_FOREIGN;
     break;
   }
   case SF_ABSENT:
@@ -516,11 +524,14 @@ static int encode_protected(lua_State *L) {
  * coroutine's guard, which gives it up here.
  */
 static void finish_call(lua_State *L, lsf_guard *gd, sf_call *c, int ok,
-                        int a, int b, int *shared, unsigned *nlocal) {
+                        int a, int b, int *shared, unsigned *nlocal,
+                        int *expired) {
   unsigned nforeign;
   if (!gd || !lsf_guard_pop(gd, c))
     luaL_error(L, "singleflight: finish of a call this coroutine does not lead");
   nforeign = sf_finish(c, !ok, shared, nlocal);
+  /* same-state waiters hold references: c is theirs to ask about */
+  *expired = *nlocal > 0 && sf_expired(c);
   if (nforeign > 0) {
     publish_job j;
     j.c = c;
@@ -539,22 +550,24 @@ static void finish_call(lua_State *L, lsf_guard *gd, sf_call *c, int ok,
 }
 
 /*
- * finish(call, ok, a, b) -> shared, nlocal
+ * finish(call, ok, a, b) -> shared, nlocal, expired
  * The running coroutine's lead of call ends with fn's results a, b (ok) or
- * its panic's value a and traceback b: says whether anyone joined and how
- * many same-state waiters to wake.
+ * its panic's value a and traceback b: says whether anyone joined, how
+ * many same-state waiters to tell, and whether the call had expired (they
+ * then take over instead of sharing the result).
  */
 static int lsf_finish(lua_State *L) {
   sf_call *c = (sf_call *)lua_touserdata(L, 1);
-  int shared;
+  int shared, expired;
   unsigned nlocal;
   luaL_argcheck(L, c && lua_islightuserdata(L, 1), 1, "call expected");
   lua_settop(L, 4);
-  finish_call(L, lsf_guard_running(L), c, lua_toboolean(L, 2), 3, 4, &shared,
-              &nlocal);
+  finish_call(L, lsf_guard_running(L, lsf_ctx_of(L)), c, lua_toboolean(L, 2),
+              3, 4, &shared, &nlocal, &expired);
   lua_pushboolean(L, shared);
   lua_pushinteger(L, (lua_Integer)nlocal);
-  return 2;
+  lua_pushboolean(L, expired);
+  return 3;
 }
 
 #if LSF_HAVE_PCALLK
@@ -580,12 +593,12 @@ static int lead_msgh(lua_State *L) {
 
 static int lead_done(lua_State *L, int status) {
   sf_call *c = (sf_call *)lua_touserdata(L, 1);
-  lsf_guard *gd = lsf_guard_running(L);
-  int shared, top = lua_gettop(L);
+  lsf_guard *gd = lsf_guard_running(L, lsf_ctx_of(L));
+  int shared, expired, top = lua_gettop(L);
   unsigned nlocal;
   if (status == LUA_OK || status == LUA_YIELD) { /* v, err on top */
-    finish_call(L, gd, c, 1, top - 1, top, &shared, &nlocal);
-    lua_pushinteger(L, nlocal ? ST_DELIVER : ST_DONE);
+    finish_call(L, gd, c, 1, top - 1, top, &shared, &nlocal, &expired);
+    lua_pushinteger(L, !nlocal ? ST_DONE : expired ? ST_DONE_GONE : ST_DELIVER);
     lua_pushvalue(L, top - 1);
     lua_pushvalue(L, top);
     lua_pushboolean(L, shared);
@@ -602,8 +615,8 @@ static int lead_done(lua_State *L, int status) {
   }
   lua_pushnil(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &traceback_slot);
-  finish_call(L, gd, c, 0, top, top + 1, &shared, &nlocal);
-  lua_pushinteger(L, ST_PANICKED);
+  finish_call(L, gd, c, 0, top, top + 1, &shared, &nlocal, &expired);
+  lua_pushinteger(L, expired ? ST_PANICKED_GONE : ST_PANICKED);
   lua_pushvalue(L, top);
   lua_pushvalue(L, top + 1);
   if (nlocal)
@@ -765,24 +778,16 @@ static int lsf_state(lua_State *L) {
 /* unjoin(ref): a joiner that won't wait after all. */
 static int lsf_unjoin(lua_State *L) {
   lsf_ref *r = lsf_check_ref(L, 1);
-  sf_call *c = r->c;
-  if (c && (r->kind == REF_LOCAL || r->kind == REF_FOREIGN)) {
-    r->c = NULL;
-    r->kind = REF_EMPTY;
-    sf_unjoin(c, (uintptr_t)lsf_ctx_of(L));
-  }
+  if (r->kind == REF_LOCAL || r->kind == REF_FOREIGN)
+    lsf_ref_drop(L, r, DROP_UNJOIN);
   return 0;
 }
 
 /* leave(ref): a same-state joiner gave up waiting (a timeout). */
 static int lsf_leave(lua_State *L) {
   lsf_ref *r = lsf_check_ref(L, 1);
-  sf_call *c = r->c;
-  if (c && r->kind == REF_LOCAL) {
-    r->c = NULL;
-    r->kind = REF_EMPTY;
-    sf_leave(c);
-  }
+  if (r->kind == REF_LOCAL)
+    lsf_ref_drop(L, r, DROP_LEAVE);
   return 0;
 }
 
@@ -816,8 +821,8 @@ static int lsf_adopt(lua_State *L) {
   int spare;
   luaL_argcheck(L, r->kind == REF_LEADER, 1, "a started call expected");
   lua_settop(L, 1);
-  lsf_ensure_spares(L);
-  gd = lsf_guard_for_acquire(L, &spare);
+  lsf_ensure_spares(L, lsf_ctx_of(L));
+  gd = lsf_guard_for_acquire(L, lsf_ctx_of(L), &spare);
   if (spare && lsf_guard_install(L, gd) != 0)
     return lsf_raise_nomem(L); /* the ref still leads */
   sf_retain(r->c, 1);
@@ -950,6 +955,12 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   slots[4] = lua_gettop(L);
   lua_createtable(L, 2, 0); /* spares */
   slots[5] = lua_gettop(L);
+  lua_newtable(L); /* joins: call -> ref, weak values */
+  slots[6] = lua_gettop(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, slots[6]);
 
   lua_pushliteral(L, GROUP_MT);
   lua_setfield(L, slots[2], "__name");

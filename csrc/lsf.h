@@ -34,7 +34,8 @@
 #define UV_GUARD_MT lua_upvalueindex(4)
 #define UV_REF_MT lua_upvalueindex(5)
 #define UV_SPARES lua_upvalueindex(6) /* {guard, ref} made ahead of need */
-#define LSF_NUPVALUES 6
+#define UV_JOINS lua_upvalueindex(7)  /* call -> its same-state joiners' ref */
+#define LSF_NUPVALUES 7
 
 /* Slots of the spares table. */
 enum { SPARE_GUARD = 1, SPARE_REF = 2 };
@@ -80,10 +81,17 @@ enum {
   REF_WATCH    /* a future's own reference on the call it started */
 };
 
+/* The same-state joiners of a call share one ref: it holds n references,
+ * one per joiner, each given back by the joiner's release (or leave, or
+ * unjoin), all of them by the finalizer. */
 typedef struct lsf_ref {
-  sf_call *c; /* NULL once given up */
+  sf_call *c; /* NULL once all given up */
   int kind;
+  unsigned n; /* references held */
 } lsf_ref;
+
+/* How a holder gives up one reference. */
+enum { DROP_RELEASE, DROP_UNJOIN, DROP_LEAVE };
 
 /* lsf.c */
 lsf_ctx *lsf_ctx_of(lua_State *L);
@@ -94,15 +102,17 @@ void lsf_push_quoted(lua_State *L, const char *s, size_t len);
 extern const luaL_Reg lsf_holder_functions[];
 extern const luaL_Reg lsf_guard_metamethods[];
 extern const luaL_Reg lsf_ref_metamethods[];
-lsf_guard *lsf_guard_for_acquire(lua_State *L, int *spare);
-lsf_guard *lsf_guard_running(lua_State *L);
+lsf_guard *lsf_guard_for_acquire(lua_State *L, lsf_ctx *cx, int *spare);
+lsf_guard *lsf_guard_running(lua_State *L, lsf_ctx *cx);
 int lsf_guard_install(lua_State *L, lsf_guard *gd);
 void lsf_guard_push(lsf_guard *gd, sf_call *c);
 int lsf_guard_pop(lsf_guard *gd, sf_call *c);
 lsf_ref *lsf_ref_take_spare(lua_State *L);
+lsf_ref *lsf_ref_join(lua_State *L, sf_call *c);
+void lsf_ref_drop(lua_State *L, lsf_ref *r, int how);
 lsf_ref *lsf_check_ref(lua_State *L, int idx);
 lsf_guard *lsf_check_guard(lua_State *L, int idx);
-void lsf_ensure_spares(lua_State *L);
+void lsf_ensure_spares(lua_State *L, lsf_ctx *cx);
 
 /* lsf_copy.c: payloads for sf_publish, and strings for encode/decode */
 void *lsf_encode_payload(lua_State *L, int ok, int a, int b, const char *key,

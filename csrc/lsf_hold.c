@@ -46,8 +46,7 @@ static lsf_ref *ref_new(lua_State *L) {
 
 /* Makes the spares that are missing; raises on a memory error, before
  * anything was acquired. */
-void lsf_ensure_spares(lua_State *L) {
-  lsf_ctx *cx = lsf_ctx_of(L);
+void lsf_ensure_spares(lua_State *L, lsf_ctx *cx) {
   if (!cx->spare_guard) {
     lsf_guard *gd = guard_new(L);
     gd->id = ++cx->next_id;
@@ -87,8 +86,7 @@ static void guard_reserve(lua_State *L, lsf_guard *gd) {
  * a coroutine's is pushed (it is the leader frame's to close, on 5.4).
  * Spares must exist.
  */
-lsf_guard *lsf_guard_for_acquire(lua_State *L, int *spare) {
-  lsf_ctx *cx = lsf_ctx_of(L);
+lsf_guard *lsf_guard_for_acquire(lua_State *L, lsf_ctx *cx, int *spare) {
   lsf_guard *gd;
   *spare = 0;
   if (L == cx->main_L && cx->main_guard) {
@@ -121,8 +119,7 @@ lsf_guard *lsf_guard_for_acquire(lua_State *L, int *spare) {
 }
 
 /* The running coroutine's guard, or NULL; pushes nothing. */
-lsf_guard *lsf_guard_running(lua_State *L) {
-  lsf_ctx *cx = lsf_ctx_of(L);
+lsf_guard *lsf_guard_running(lua_State *L, lsf_ctx *cx) {
   lsf_guard *gd;
   if (L == cx->main_L)
     return cx->main_guard;
@@ -289,6 +286,7 @@ lsf_ref *lsf_check_ref(lua_State *L, int idx) {
 lsf_ref *lsf_ref_take_spare(lua_State *L) {
   lsf_ctx *cx = lsf_ctx_of(L);
   lsf_ref *r = cx->spare_ref;
+  r->n = 1;
   lua_rawgeti(L, UV_SPARES, SPARE_REF);
   cx->spare_ref = NULL;
   lua_pushnil(L);
@@ -296,32 +294,89 @@ lsf_ref *lsf_ref_take_spare(lua_State *L) {
   return r;
 }
 
-/* release(ref) -> call, abandoned | nothing: gives up what the ref holds;
- * safe to call twice. A leader's reference not adopted yet abandons the
- * call: the call's light userdata and true come back, so that the Lua
- * layer wakes its same-state waiters. */
+/*
+ * Pushes the ref of the same-state joiners of c, now holding one more
+ * reference (the one sf_acquire just gave): the ref of the joiners before,
+ * or the spare. (Spares must exist.)
+ */
+lsf_ref *lsf_ref_join(lua_State *L, sf_call *c) {
+  lsf_ref *r;
+  lua_pushlightuserdata(L, c);
+  lua_rawget(L, UV_JOINS);
+  r = (lsf_ref *)lua_touserdata(L, -1);
+  if (r && (r->c == c || r->c == NULL)) { /* while n > 0, c is its call */
+    if (r->c == c) {
+      r->n++;
+    } else {
+      r->c = c;
+      r->kind = REF_LOCAL;
+      r->n = 1;
+    }
+    return r;
+  }
+  lua_pop(L, 1);
+  r = lsf_ref_take_spare(L);
+  r->c = c;
+  r->kind = REF_LOCAL;
+  r->n = 1;
+  /* found by the next joiner; a memory error here leaves the ref to its
+   * finalizer, which gives the reference back */
+  lua_pushlightuserdata(L, c);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, UV_JOINS);
+  return r;
+}
+
+/* Gives up one of the references r holds, as `how` says. */
+void lsf_ref_drop(lua_State *L, lsf_ref *r, int how) {
+  sf_call *c = r->c;
+  if (!c)
+    return;
+  if (r->n > 1) {
+    r->n--;
+  } else {
+    r->c = NULL;
+    r->kind = REF_EMPTY;
+    r->n = 0;
+  }
+  if (how == DROP_UNJOIN)
+    sf_unjoin(c, (uintptr_t)lsf_ctx_of(L));
+  else if (how == DROP_LEAVE)
+    sf_leave(c);
+  else
+    sf_release(c);
+}
+
+/* release(ref [, all]) -> call, abandoned | nothing: gives up one of the
+ * references the ref holds (all of them with all: its finalizer). A
+ * leader's reference not adopted yet abandons the call: the call's light
+ * userdata and true come back, so that the Lua layer wakes its same-state
+ * waiters. */
 static int lsf_release(lua_State *L) {
   lsf_ref *r = lsf_check_ref(L, 1);
   sf_call *c = r->c;
-  int kind = r->kind;
-  r->c = NULL;
-  r->kind = REF_EMPTY;
+  int all = lua_toboolean(L, 2);
   if (!c)
     return 0;
-  if (kind == REF_LEADER) {
+  if (r->kind == REF_LEADER) {
+    r->c = NULL;
+    r->kind = REF_EMPTY;
+    r->n = 0;
     sf_abandon(c);
     lua_pushlightuserdata(L, c);
     lua_pushboolean(L, 1);
     return 2;
   }
-  if (kind == REF_FOREIGN) /* never waited (wait spends the ref): undo */
-    sf_unjoin(c, (uintptr_t)lsf_ctx_of(L));
-  else
-    sf_release(c);
+  /* a foreign ref that never waited (wait spends it): undo the join */
+  do
+    lsf_ref_drop(L, r, r->kind == REF_FOREIGN ? DROP_UNJOIN : DROP_RELEASE);
+  while (all && r->c);
   return 0;
 }
 
 static int lsf__ref_gc(lua_State *L) {
+  lua_settop(L, 1);
+  lua_pushboolean(L, 1);
   lsf_release(L);
   return 0;
 }
@@ -330,7 +385,8 @@ static int lsf__ref_tostring(lua_State *L) {
   lsf_ref *r = lsf_check_ref(L, 1);
   static const char *const kinds[] = {"empty", "local", "foreign", "leader",
                                       "watch"};
-  lua_pushfstring(L, "singleflight.Ref (%s, %p)", kinds[r->kind], (void *)r);
+  lua_pushfstring(L, "singleflight.Ref (%s x%d, %p)", kinds[r->kind], (int)r->n,
+                  (void *)r);
   return 1;
 }
 

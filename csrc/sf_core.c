@@ -618,6 +618,16 @@ int sf_state(sf_call *c) {
   return st;
 }
 
+int sf_expired(sf_call *c) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  int e;
+  shard_lock(g, sh);
+  e = c->expired;
+  shard_unlock(g, sh);
+  return e;
+}
+
 double sf_age(sf_call *c) {
   return sf_coarse_now() - c->started; /* set once, before any joiner */
 }
@@ -660,8 +670,8 @@ unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
   if (panicked)
     stat_add(sh, SF_STAT_PANICS);
   *shared = c->dups > 0;
-  /* an expired call's waiters were sent to its successor */
-  *nlocal = c->expired ? 0 : c->nlocal;
+  /* an expired call's foreign waiters were sent to its successor */
+  *nlocal = c->nlocal;
   foreign = c->expired ? 0 : c->foreign;
   if (foreign == 0) {
     c->state = SF_DONE;

@@ -120,6 +120,8 @@ void sf_leave(sf_call *c);
 void sf_retain(sf_call *c, int watch);
 /* The call's outcome so far: SF_RUNNING, SF_DONE or SF_ABANDONED. */
 int sf_state(sf_call *c);
+/* Whether the call expired (sf_expire) while its leader ran. */
+int sf_expired(sf_call *c);
 /* Seconds since the call's leader acquired it (a coarse clock). */
 double sf_age(sf_call *c);
 /* The leader's flow of control changes (a call started on behalf of a
@@ -138,7 +140,8 @@ int sf_expire(sf_call *c);
  * The leader's work is done. Removes the key unless it was forgotten, so
  * that later callers start afresh. *shared is set to whether any caller
  * joined (Go's `shared`; one that gave up waiting counts too), *nlocal to
- * the number of JOINED callers.
+ * the number of JOINED callers still waiting (of an expired call too: they
+ * must be told to take over, see sf_expired).
  * Returns the number of foreign waiters: when it is 0 the call is complete
  * and the leader's reference is gone; otherwise the leader must call
  * sf_publish.

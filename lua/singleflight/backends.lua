@@ -7,6 +7,7 @@
 --                    seconds (nil: no limit); may return early
 --   wake(obj, n)     wake the n coroutines waiting on obj; never yields and
 --                    creates nothing (it may run inside a finalizer)
+--   never_fails      true when wait cannot raise once can_wait said yes
 --   can_wait()       -> true, or false and why (optional)
 --   spawn(fn, ...)   run fn(...) in a new light thread (optional; start)
 --   loop             true when the OS thread runs an event loop that a
@@ -75,6 +76,9 @@ builtin.none = {
 
 builtin.coroutine = {
   name = "coroutine",
+  -- its can_wait is exact where coroutine.isyieldable exists (5.3 and
+  -- later, LuaJIT): then its wait can't fail, and goes unprotected
+  never_fails = co_isyieldable ~= nil,
   wait = function()
     co_yield()
   end,

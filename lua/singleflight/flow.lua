@@ -40,8 +40,8 @@ local resolve, cannot_wait, interpreted =
       backends.resolve, backends.cannot_wait, backends.interpreted
 local DEFAULTS = options.DEFAULTS
 
-local DONE, JOINED, EXPIRED, RECURSIVE, PANICKED, DELIVER, TIERED =
-      0, 1, 4, 5, 6, 7, 8
+local DONE, JOINED, EXPIRED, RECURSIVE, PANICKED, DELIVER, TIERED, DONE_GONE,
+      PANICKED_GONE = 0, 1, 4, 5, 6, 7, 8, 9, 10
 local TIMEOUT = "singleflight: wait timed out"
 local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 
@@ -126,7 +126,7 @@ if core.closes then
   end
 end
 core.Ref.__gc = function(ref)
-  local c, led = release(ref)
+  local c, led = release(ref, true)
   if led then
     gone(c)
   end
@@ -161,18 +161,23 @@ local pwait = LUA51 and function(f, ...) return true, f(...) end or pcall
 --[[
 Waits through be, as one more waiter of fl (the flight of call c, held by
 ref), until the call is done or gone, the deadline passes, or the call
-grows older than max_age (then it expires and is gone). Returns true when
-the flight has an outcome. A backend that fails raises, the waiter
-withdrawn.
+grows older than max_age (then it expires and is gone). A backend that
+fails raises, the waiter withdrawn from fl's counts.
 ]]
 local function wait_flight(fl, be, ref, c, skey, deadline, max_age)
-  local obj = enlist(fl, be)
+  local obj = fl.objs[be]
+  if obj == nil then
+    obj = enlist(fl, be)
+  else
+    fl.counts[be] = fl.counts[be] + 1
+  end
+  -- gone before this waiter was in the flight (a finalizer ran meanwhile),
+  -- or expired from another state: nobody will wake the flight for that
+  if state(ref) == "abandoned" then
+    gone(c, fl)
+  end
+  local wait, safe = be.wait, be.never_fails
   while not fl.done and not fl.abandoned do
-    -- gone before this waiter was in the flight, or expired elsewhere
-    if state(ref) == "abandoned" then
-      gone(c, fl)
-      break
-    end
     local remaining
     if deadline then
       remaining = deadline - now()
@@ -183,17 +188,20 @@ local function wait_flight(fl, be, ref, c, skey, deadline, max_age)
     if max_age then
       local rest = max_age - (age(ref) or max_age)
       if rest <= 0 then
-        expire(ref, max_age)
-        rest = nil -- the state says so now: back round the loop
+        if expire(ref, max_age) then
+          gone(c, fl)
+        elseif state(ref) == "abandoned" then
+          gone(c, fl)
+        end
+        break
       elseif remaining == nil or rest < remaining then
         remaining = rest
       end
-      if rest == nil then
-        remaining = 0
-      end
     end
-    if remaining ~= 0 then
-      local ok, e = pwait(be.wait, obj, remaining)
+    if safe then
+      wait(obj, remaining)
+    else
+      local ok, e = pwait(wait, obj, remaining)
       if not ok then
         fl.counts[be] = fl.counts[be] - 1
         if type(e) == "string" and e:find("attempt to yield", 1, true) then
@@ -204,7 +212,6 @@ local function wait_flight(fl, be, ref, c, skey, deadline, max_age)
     end
   end
   fl.counts[be] = fl.counts[be] - 1
-  return fl.done or fl.abandoned
 end
 M.wait_flight = wait_flight
 
@@ -215,6 +222,7 @@ local run, rerun, run_local, rerun_local, lead =
       runner.run, runner.rerun, runner.run_local, runner.rerun_local, runner.lead
 M.lead = lead
 local check_recursion, join
+local sweeping = false -- see M.watch
 
 -- What a run that did not end in DONE left to do: st and a, b, c, d are
 -- its status and values (see runner.lua); retake is how a waiter of this
@@ -229,6 +237,12 @@ local function after(self, key, fn, retake, st, a, b, c, d, ...)
       deliver(c, false, nil, nil, p)
     end
     error(p, 0)
+  elseif st == DONE_GONE then -- expired: the result is the leader's alone
+    gone(d)
+    return a, b, c
+  elseif st == PANICKED_GONE then
+    gone(c)
+    error(new_panic(a, b, d), 0)
   elseif st == TIERED then
     return M.tiered(self, key, fn, ...)
   end
@@ -250,9 +264,19 @@ end
 ---------------------------------------------------------------------------
 -- The duplicate's side
 
+-- The backend a handle's duplicates wait with: "auto" is looked up at
+-- each wait (the caller's scheduler), a name or a table once.
+local function backend_of(opts)
+  local be = resolve(opts.backend)
+  if opts.backend ~= "auto" and opts ~= DEFAULTS then
+    opts.be = be
+  end
+  return be
+end
+
 -- A same-state duplicate waits on the flight of c.
 local function wait_local(opts, c, ref, skey, deadline)
-  local be = resolve(opts.backend)
+  local be = opts.be or backend_of(opts)
   local why = cannot_wait(be)
   if why then
     if opts.timeout == 0 then -- it would not have waited anyway
@@ -264,9 +288,14 @@ local function wait_local(opts, c, ref, skey, deadline)
   end
   local fl = flight(c)
   fl.n = fl.n + 1
-  local ok, e = pwait(wait_flight, fl, be, ref, c, skey, deadline, opts.max_age)
+  local ok, e = true, nil
+  if be.never_fails and fl.objs[be] ~= nil then -- nothing here can raise
+    wait_flight(fl, be, ref, c, skey, deadline, opts.max_age)
+  else
+    ok, e = pwait(wait_flight, fl, be, ref, c, skey, deadline, opts.max_age)
+  end
   drop_waiter(c, fl)
-  if not ok then
+  if not ok then -- the backend failed: as if this caller had not joined
     unjoin(ref)
     error(e, 0)
   end
@@ -317,7 +346,7 @@ end
 -- the core, waking at max_age to expire the call.
 local function wait_foreign(opts, ref, skey, deadline)
   local max_age = opts.max_age
-  local be = resolve(opts.backend)
+  local be = opts.be or backend_of(opts)
   if be.loop then
     return poll_foreign(be, ref, skey, deadline, max_age)
   end
@@ -342,7 +371,9 @@ function join(self, st, c, ref, skey, retake, fn, ...)
   local opts = opts_of[self] or DEFAULTS
   -- one deadline for the whole wait, across leaders that go away
   local deadline = opts.timeout and now() + opts.timeout
-  M.watch()
+  if not sweeping then
+    M.watch()
+  end
   while true do
     local r, ok, v, err
     if st == RECURSIVE then
@@ -382,7 +413,7 @@ function join(self, st, c, ref, skey, retake, fn, ...)
     st, a, b, d, c = retake(self, skey, fn, ...)
     if st == DONE then
       return a, b, d
-    elseif st == DELIVER or st == PANICKED then
+    elseif st >= PANICKED and st ~= TIERED then
       return after(self, skey, fn, retake, st, a, b, d, c, ...)
     end
     c, ref, skey = a, b, d
@@ -462,7 +493,6 @@ function M.sweep()
 end
 
 local SWEEP_EVERY = 0.5
-local sweeping = false
 
 --- Starts the sweep in this nginx worker, once, where timers can be made.
 function M.watch()
@@ -481,6 +511,8 @@ function M.call(self, key, fn, ...)
   local st, a, b, c, d = run(self, key, fn, ...)
   if st == DONE then
     return a, b, c
+  elseif st == JOINED then
+    return join(self, st, a, b, c, rerun, fn, ...)
   end
   return after(self, key, fn, rerun, st, a, b, c, d, ...)
 end

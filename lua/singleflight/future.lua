@@ -28,7 +28,8 @@ local flight, gone, drop_waiter, wait_flight, deliver, lead, call =
       runner.lead, flow.call
 local opts_of, TIMEOUT = flow.opts_of, flow.TIMEOUT
 
-local LEADER, JOINED, FOREIGN, RECURSIVE, PANICKED, DELIVER = 0, 1, 2, 5, 6, 7
+local LEADER, JOINED, FOREIGN, RECURSIVE, PANICKED, DELIVER, DONE_GONE,
+      PANICKED_GONE = 0, 1, 2, 5, 6, 7, 9, 10
 
 local Future = { __name = "singleflight.Future" }
 Future.__index = Future
@@ -50,6 +51,10 @@ local function lead_adopted(f)
     deliver(d, true, a, b, nil, c)
   elseif st == PANICKED and c then
     deliver(c, false, nil, nil, new_panic(a, b, d))
+  elseif st == DONE_GONE then
+    gone(d)
+  elseif st == PANICKED_GONE then
+    gone(c)
   end
 end
 

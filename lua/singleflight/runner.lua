@@ -7,6 +7,7 @@
 --   lead(g, call, key, fn, ...)   lead a call acquired already (a future's)
 --     -> DONE 0, v, err, shared | DELIVER 7, v, err, shared, call
 --      | PANICKED 6, value, traceback, call|nil, key
+--      | DONE_GONE 9, PANICKED_GONE 10: the same for a call that expired
 --      | or acquire's status for a caller that does not lead (joined,
 --        foreign, recursive, tiered: see csrc/lsf.c)
 --     fn runs protected; its frame keeps the group's handle alive.
@@ -32,7 +33,7 @@ local traceback = debug.traceback
 local handler, is_panic = panic.handler, panic.is_panic
 local acquire, finish, COUNT = core.acquire, core.finish, core.COUNT
 
-local DONE, PANICKED, DELIVER = 0, 6, 7
+local DONE, PANICKED, DELIVER, DONE_GONE, PANICKED_GONE = 0, 6, 7, 9, 10
 
 local M = {}
 local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
@@ -42,9 +43,9 @@ M.running = co_running
 -- What the leader's protected fn gave, as the statuses of core.run.
 local function settled(c, key, ok, v, err)
   if ok then
-    local shared, nlocal = finish(c, true, v, err)
+    local shared, nlocal, expired = finish(c, true, v, err)
     if nlocal > 0 then
-      return DELIVER, v, err, shared, c
+      return expired and DONE_GONE or DELIVER, v, err, shared, c
     end
     return DONE, v, err, shared
   end
@@ -52,8 +53,9 @@ local function settled(c, key, ok, v, err)
   if is_panic(v) then -- the handler's; a bare value if it failed itself
     value, tb = v.value, v.traceback
   end
-  local _, nlocal = finish(c, false, value, tb)
-  return PANICKED, value, tb, nlocal > 0 and c or nil, key
+  local _, nlocal, expired = finish(c, false, value, tb)
+  return expired and PANICKED_GONE or PANICKED, value, tb,
+         nlocal > 0 and c or nil, key
 end
 
 local protect
