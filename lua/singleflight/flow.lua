@@ -40,8 +40,8 @@ local resolve, cannot_wait, interpreted =
       backends.resolve, backends.cannot_wait, backends.interpreted
 local DEFAULTS = options.DEFAULTS
 
-local DONE, JOINED, EXPIRED, RECURSIVE, PANICKED, DELIVER, TIERED, DONE_GONE,
-      PANICKED_GONE = 0, 1, 4, 5, 6, 7, 8, 9, 10
+local DONE, JOINED, RECURSIVE, PANICKED, DELIVER, TIERED, DONE_GONE,
+      PANICKED_GONE = 0, 1, 5, 6, 7, 8, 9, 10
 local TIMEOUT = "singleflight: wait timed out"
 local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 
@@ -379,13 +379,11 @@ function join(self, st, c, ref, skey, retake, fn, ...)
     if st == RECURSIVE then
       check_recursion(c, ref, skey)
       r = "abandoned" -- a stale lead, abandoned now
-    elseif st == EXPIRED then -- the call in flight was too old: it is gone
-      gone(c)
+    elseif opts.max_age and expire(ref, opts.max_age) then
+      gone(c) -- too old: taken over, here and now
+      release(ref)
       r = "abandoned"
     else
-      if opts.max_age and expire(ref, opts.max_age) then
-        gone(c)
-      end
       if st == JOINED then
         r, ok, v, err = wait_local(opts, c, ref, skey, deadline)
       else

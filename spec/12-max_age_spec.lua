@@ -1,0 +1,161 @@
+-- max_age: a call that has held its key that long counts as abandoned,
+-- though its leader still runs: the first waiter (or, with none, the next
+-- caller) takes over and shares its new execution; the old leader's result
+-- goes to its own caller only.
+local singleflight = require "singleflight"
+local helpers = require "helpers"
+local X = require "xthreads"
+
+local now = singleflight._core.now
+
+-- Runs scheduler rounds until pred() holds, at most `secs` seconds (a hang
+-- guard: the specs wait on a clock, not on rounds).
+local function rounds_until(s, pred, secs)
+  local deadline = now() + (secs or 10)
+  while not pred() do
+    assert(now() < deadline, "condition not met in time")
+    s.round()
+  end
+end
+
+-- A leader that holds `key` until the gate opens, returning `value`.
+local function slow_leader(s, g, key, gate, value)
+  return s.go(function()
+    return g:call(key, function()
+      gate.wait(1e9)
+      return value
+    end)
+  end)
+end
+
+describe("max_age", function()
+  it("is checked: a positive number of seconds", function()
+    for _, bad in ipairs { 0, -1, "1", {}, 0 / 0 } do
+      local ok, e = pcall(singleflight.new, { max_age = bad })
+      assert.is_false(ok)
+      assert.matches("bad option 'max_age' to 'new'", e)
+    end
+    assert.is_not_nil(singleflight.new { max_age = 0.5 })
+    assert.is_not_nil(singleflight.new { max_age = math.huge })
+  end)
+
+  it("hands a too-old call's waiters to the first of them; its result goes to its leader only",
+     function()
+    local s = helpers.scheduler()
+    local g = singleflight.new { backend = "coroutine", max_age = 0.05 }
+    local gate = helpers.gate()
+    local old = slow_leader(s, g, "k", gate, "old")
+    s.round()
+    local runs = 0
+    local waiters = {}
+    for i = 1, 3 do
+      waiters[i] = s.go(function()
+        return g:call("k", function()
+          runs = runs + 1
+          coroutine.yield() -- the other waiters join this one meanwhile
+          return "new"
+        end)
+      end)
+    end
+    s.round()
+    assert.equal(3, g:stats().shared)
+    rounds_until(s, function()
+      return waiters[1].done and waiters[2].done and waiters[3].done
+    end)
+    for i = 1, 3 do
+      assert.equal("new", waiters[i].res[1], "waiter " .. i)
+      assert.is_true(waiters[i].res[3])
+    end
+    assert.equal(1, runs) -- one take-over, shared by the other waiters
+    assert.is_false(old.done)
+    assert.equal(1, g:stats().abandoned)
+    gate.open()
+    rounds_until(s, function() return old.done end)
+    assert.same({ "old", nil, true, n = 3 }, old.res) -- its own result only
+    assert.equal(0, g:stats().inflight)
+    assert.same({}, s.errs)
+  end)
+
+  it("lets the next caller lead when nobody waited", function()
+    local s = helpers.scheduler()
+    local g = singleflight.new { backend = "coroutine", max_age = 0.02 }
+    local gate = helpers.gate()
+    local old = slow_leader(s, g, "k", gate, "old")
+    s.round()
+    local t = now()
+    while now() - t < 0.05 do end -- past max_age
+    local v, err, shared = g:call("k", function() return "next" end)
+    assert.same({ "next", nil, false }, { v, err, shared })
+    assert.equal(1, g:stats().abandoned)
+    gate.open()
+    rounds_until(s, function() return old.done end)
+    assert.equal("old", old.res[1])
+    assert.same({}, s.errs)
+  end)
+
+  it("never replaces a call younger than max_age", function()
+    local s = helpers.scheduler()
+    local g = singleflight.new { backend = "coroutine", max_age = 60 }
+    local gate = helpers.gate()
+    local old = slow_leader(s, g, "k", gate, "old")
+    s.round()
+    local w = s.go(function() return g:call("k", function() return "new" end) end)
+    for _ = 1, 50 do s.round() end
+    assert.is_false(w.done)
+    gate.open()
+    rounds_until(s, function() return w.done and old.done end)
+    assert.equal("old", w.res[1])
+    assert.equal(0, g:stats().abandoned)
+  end)
+
+  it("applies to a waiter whose leader's result comes after it expired", function()
+    local s = helpers.scheduler()
+    local g = singleflight.new { backend = "coroutine", max_age = 0.03 }
+    local gate = helpers.gate()
+    local old = slow_leader(s, g, "k", gate, "old")
+    s.round()
+    local taker_gate = helpers.gate()
+    local w = s.go(function()
+      return g:call("k", function()
+        taker_gate.wait(1e9)
+        return "new"
+      end)
+    end)
+    local late
+    rounds_until(s, function() return g:stats().abandoned == 1 end)
+    -- the old leader finishes while the new one runs: nobody gets "old" but it
+    gate.open()
+    rounds_until(s, function() return old.done end)
+    late = s.go(function() return g:call("k", function() return "late" end) end)
+    s.round()
+    taker_gate.open()
+    rounds_until(s, function() return w.done and late.done end)
+    assert.equal("old", old.res[1])
+    assert.equal("new", w.res[1])
+    assert.equal("new", late.res[1])
+    assert.same({}, s.errs)
+  end)
+
+  local threads = X.available and it or pending
+  threads("works across Lua states: a waiter in another thread takes over", function()
+    local name = X.name("maxage")
+    local g = singleflight.group(name)
+    local t
+    local v = g:call("k", function()
+      t = X.spawn([[
+        local name = ...
+        local singleflight = require "singleflight"
+        local g = singleflight.group(name, { max_age = 0.05 })
+        return g:call("k", function() return "taken over" end)
+      ]], name)
+      local r = { X.join(t) }
+      assert.equal("taken over", r[1])
+      assert.is_false(r[3]) -- nobody else waited on the new execution
+      return "old"
+    end)
+    assert.equal("old", v)
+    assert.equal(1, g:stats().abandoned)
+    assert.equal(0, g:stats().inflight)
+    g:close()
+  end)
+end)
