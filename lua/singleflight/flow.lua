@@ -430,7 +430,8 @@ end
 -- would-be recursion, and by a sweep that a timer runs in every nginx
 -- worker where someone waits.
 
--- Is a leader frame of call c on co's stack?
+-- Is a leader frame of call c on co's stack? Leader frames (the Lua ones
+-- of LuaJIT, where OpenResty runs) keep the call in a local named sf_call.
 local function led_on(co, c)
   local running = co == co_running()
   local level = running and 1 or 0
@@ -444,15 +445,19 @@ local function led_on(co, c)
     if not info then
       return false
     end
-    if info.func == lead then
-      local _, v
-      if running then
-        _, v = getlocal(level, 2)
-      else
-        _, v = getlocal(co, level, 2)
-      end
-      if v == c then
-        return true
+    if info.func == lead or info.func == M.call then
+      for i = 1, 8 do
+        local name, v
+        if running then
+          name, v = getlocal(level, i)
+        else
+          name, v = getlocal(co, level, i)
+        end
+        if name == nil then
+          break
+        elseif name == "sf_call" and v == c then
+          return true
+        end
       end
     end
     level = level + 1
@@ -513,6 +518,34 @@ function M.call(self, key, fn, ...)
     return join(self, st, a, b, c, rerun, fn, ...)
   end
   return after(self, key, fn, rerun, st, a, b, c, d, ...)
+end
+
+if rawget(_G, "jit") then
+  -- LuaJIT compiles no classic C call, and fn is opaque to it: the leader's
+  -- step is written into call itself, to spare two interpreted frames. The
+  -- same statuses as runner.lua's; the frame keeps self alive while fn runs.
+  local acquire, finish, handler = core.acquire, core.finish, panic.handler
+  local settled = runner.settled
+  local FLAGS = core.COUNT -- errors blame this frame's caller
+  function M.call(self, key, fn, ...)
+    local st, sf_call, b, skey = acquire(self, key, fn, "call", FLAGS)
+    if st ~= DONE then -- not the leader
+      return after(self, key, fn, rerun, st, sf_call, b, skey, nil, ...)
+    end
+    local ok, v, err = xpcall(fn, handler, ...)
+    if not ok then
+      return after(self, key, fn, rerun, settled(sf_call, skey, false, v))
+    end
+    local shared, nlocal, expired = finish(sf_call, true, v, err)
+    if nlocal > 0 then
+      if expired then
+        gone(sf_call)
+      else
+        deliver(sf_call, true, v, err, nil, shared)
+      end
+    end
+    return v, err, shared
+  end
 end
 
 --- g:call in this Lua state only, for a tier above it (shm): its fn is

@@ -69,16 +69,144 @@ else
   local getinfo = debug.getinfo
   local alias, guard = core.alias, core.guard
 
-  -- True when co's stack holds a C function that called back into Lua
-  -- (pcall, table.sort, a metamethod, ...): 5.1 can't yield across it.
+  local getlocal = debug.getlocal
+  local byte, dump, floor = string.byte, string.dump, math.floor
+  local pairs, pcall, rawequal = pairs, pcall, rawequal
+
+  --[[
+  Lua 5.1 can't yield a coroutine while a call that the VM made from C is
+  on its stack: a C function that called back into Lua (pcall, table.sort,
+  string.gsub, a hook), but also a metamethod (__index, __add, __concat,
+  __eq, ...) and the iterator of a for-in loop, which the VM calls without
+  a C frame to show for it. Those are told apart from ordinary calls (tail
+  calls and calls of unnamed expressions included) by where the callee
+  sits in its caller's frame, which debug.getlocal shows up to there: up
+  to the called register for OP_CALL; the loop's three hidden locals and
+  no further for OP_TFORLOOP; the whole frame (the function's
+  maxstacksize, read from its bytecode) and more for a metamethod, a hook
+  or a finalizer.
+  ]]
+
+  -- function -> what its bytecode says: false for a C function; for a Lua
+  -- function { ms = maxstacksize (nil: unknown), params = how many,
+  -- loops = { [slots shown at one of its OP_TFORLOOPs] = true } or nil,
+  -- calls = { [register an OP_CALL or OP_TAILCALL calls] = true } }
+  local protos = setmetatable({}, { __mode = "k" })
+
+  -- Reads the dump of Lua function f: its proto's header (after the
+  -- chunk's: source, lines, upvalues, parameters, vararg flag) and code.
+  local function read(f)
+    local ok, s = pcall(dump, f)
+    if not (ok and #s > 12 and s:sub(1, 5) == "\27Lua\81") then
+      return {}
+    end
+    local little, sint, ssize, sinstr = byte(s, 7) == 1, byte(s, 8), byte(s, 9), byte(s, 10)
+    local function uint(pos, size)
+      local v = 0
+      for i = 0, size - 1 do
+        v = v * 256 + byte(s, little and pos + size - 1 - i or pos + i)
+      end
+      return v
+    end
+    local pos = 13
+    pos = pos + ssize + uint(pos, ssize) + 2 * sint + 3
+    local p = { ms = byte(s, pos), params = byte(s, pos - 2) }
+    local n = uint(pos + 1, sint)
+    pos = pos + 1 + sint
+    local loops, calls
+    for _ = 1, n do
+      local i = byte(s, little and pos or pos + sinstr - 1) % 64
+      if i == 28 or i == 29 or i == 33 then
+        local a = floor(uint(pos, sinstr) / 64) % 256
+        if i == 33 then
+          loops = loops or {}
+          loops[a + 3] = true
+        else
+          calls = calls or {}
+          calls[a] = true
+        end
+      end
+      pos = pos + sinstr
+    end
+    if loops then -- the calls matter where a loop might be, in stripped code
+      p.loops, p.calls = loops, calls or {}
+    end
+    return p
+  end
+
+  local function proto(co, level, f)
+    local p = protos[f]
+    if p == nil then
+      p = getinfo(co, level, "S").what ~= "C" and read(f)
+      protos[f] = p
+    end
+    return p
+  end
+
+  -- Did the Lua frame at `level` of co, running f, call the one at
+  -- `callee` from the VM rather than with OP_CALL?
+  local function vm_called(co, level, p, callee)
+    local ms = p.ms
+    if ms == nil then
+      return false
+    elseif getlocal(co, level, ms) then
+      return true -- past the frame's registers: metamethod, hook, finalizer
+    end
+    local loops = p.loops
+    if loops == nil then
+      return false
+    end
+    for n in pairs(loops) do
+      if n <= ms and getlocal(co, level, n) and not getlocal(co, level, n + 1) then
+        -- the callee's function sits where this loop's iterator goes
+        local name, gen = getlocal(co, level, n - 2)
+        if name == "(for generator)" then
+          return true
+        elseif name == "(*temporary)" and getinfo(co, level, "l").currentline <= 0 then
+          -- stripped code, no local named: OP_CALL if there is none on
+          -- that register; else the loop's, if it called its generator
+          -- with its state
+          if not p.calls[n] then
+            return true
+          end
+          local ci = getinfo(co, callee, "f")
+          if ci == nil or not rawequal(ci.func, gen) then
+            return false
+          end
+          local cp = protos[gen]
+          if not cp or (cp.params or 0) == 0 then
+            return true
+          end
+          local _, state = getlocal(co, level, n - 1)
+          local _, first = getlocal(co, callee, 1)
+          return rawequal(first, state)
+        end
+        return false
+      end
+    end
+    return false
+  end
+
+  -- True when co's stack holds a call that 5.1 can't yield across.
   local function c_boundary(co)
-    local level = 1
+    -- getinfo and getlocal count the running coroutine's levels from the
+    -- function that calls them: vm_called runs one level deeper
+    local d = co == co_running() and 1 or 0
+    local level, callee = 1, nil
     while true do
-      local info = getinfo(co, level, "S")
+      local info = getinfo(co, level, "f")
       if info == nil then
         return false
-      elseif info.what == "C" then
-        return true
+      end
+      local f = info.func
+      if f ~= nil then -- nil: a tail call's lost frame
+        local p = proto(co, level + d, f)
+        if not p then
+          return true
+        elseif callee and vm_called(co, level + d, p, callee + d) then
+          return true
+        end
+        callee = level
       end
       level = level + 1
     end
@@ -100,24 +228,49 @@ else
   end
   M.yieldable51 = yieldable51
 
+  -- the panic of fn, in helper co: the value, where co stopped
+  local function panic_in(co, value)
+    local tb = traceback(co, "")
+    if tb:sub(1, 1) == "\n" then
+      tb = tb:sub(2)
+    end
+    return false, panic.new(value, tb)
+  end
+
+  -- fn in helper co is done: its results, or its panic
+  local function finished(co, ok, ...)
+    if ok then
+      return true, ...
+    end
+    return panic_in(co, (...))
+  end
+
+  -- passes co's yields up, once the caller's coroutine was found able
+  -- to (it stays so: its frames below this one don't change meanwhile)
+  local function pass(co, ok, ...)
+    if co_status(co) == "dead" then
+      return finished(co, ok, ...)
+    end
+    return pass(co, co_resume(co, co_yield(...)))
+  end
+
+  -- fn's first yield: the call ends in a panic, fn left suspended, if the
+  -- caller's coroutine can't pass it up
   local function step(co, ok, ...)
     if co_status(co) == "dead" then
-      if ok then
-        return true, ...
-      end
-      local tb = traceback(co, "")
-      if tb:sub(1, 1) == "\n" then
-        tb = tb:sub(2)
-      end
-      return false, panic.new((...), tb)
+      return finished(co, ok, ...)
     end
     local outer = co_running()
+    local why
     if outer == nil then
-      return false, panic.new("attempt to yield from outside a coroutine")
+      why = "attempt to yield from outside a coroutine"
     elseif not yieldable51(outer) then
-      return false, panic.new("attempt to yield across metamethod/C-call boundary")
+      why = "attempt to yield across metamethod/C-call boundary"
     end
-    return step(co, co_resume(co, co_yield(...)))
+    if why then
+      return panic_in(co, why)
+    end
+    return pass(co, co_resume(co, co_yield(...)))
   end
 
   -- coroutine.create takes only Lua functions; fn may be a C function or
@@ -155,6 +308,7 @@ end
 M.protect = function(fn, ...)
   return protect(nil, fn, ...)
 end
+M.settled = settled
 
 if core.run then
   M.run, M.rerun = core.run, core.rerun
@@ -164,15 +318,15 @@ if core.run then
   end
 else
   -- Its frame is the leader's while fn runs: the sweep of flow.lua looks
-  -- for it (and for the call, its second argument).
+  -- for such frames, by the local that holds the call, sf_call.
   local lead
   if LUA51 then
-    lead = function(_, c, key, fn, ...)
-      return settled(c, key, protect(true, fn, ...))
+    lead = function(_, sf_call, key, fn, ...)
+      return settled(sf_call, key, protect(true, fn, ...))
     end
   else
-    lead = function(_, c, key, fn, ...)
-      return settled(c, key, xpcall(fn, handler, ...))
+    lead = function(_, sf_call, key, fn, ...)
+      return settled(sf_call, key, xpcall(fn, handler, ...))
     end
   end
   M.lead = lead
