@@ -252,6 +252,84 @@ case("start joins the call in flight and fn does not run again", function(make)
   assert.same({}, s.errs)
 end)
 
+-- Go's DoChan: the first start leads from the moment it returns, before
+-- the scheduler has run the thread it spawned for fn, so a second start
+-- on the key, right after it, joins it. (A scheduler that runs a new
+-- thread at once, as copas 1.x does, has run an fn that does not yield to
+-- its end before start returns: the key is free again and the second
+-- start leads a new call.)
+local function back_to_back(make, yields)
+  local s = make()
+  local g = singleflight.new { backend = s.backend }
+  local gate = yields and s.gate()
+  local ran = {}
+  local function fn(tag)
+    ran[#ran + 1] = tag
+    if gate then
+      gate.wait()
+    end
+    return { tag }, "err " .. tag
+  end
+  local f1, f2, ran_early
+  s.spawn(function()
+    f1 = g:start("twice", fn, "first")
+    ran_early = #ran == 1 and not yields
+    f2 = g:start("twice", fn, "second")
+  end)
+  run_until(s, function() return f2 ~= nil end, "the two starts")
+  local out1, out2
+  s.spawn(function() out1 = pack(f1:wait()) end)
+  s.spawn(function() out2 = pack(f2:wait()) end)
+  if yields then
+    run_until(s, function() return #ran == 1 and g:stats().shared == 1 end, "fn")
+    for _ = 1, 5 do
+      s.step()
+    end
+    assert.same({ "first" }, ran)
+    assert.is_false(f1:ready())
+    assert.is_false(f2:ready())
+    assert.is_nil(out1)
+    assert.is_nil(out2)
+    local st = g:stats()
+    assert.equal(1, st.inflight)
+    assert.equal(2, st.calls)
+    assert.equal(1, st.executions)
+    gate.open()
+  end
+  run_until(s, function() return out1 ~= nil and out2 ~= nil end, "the futures")
+  assert.same({}, s.errs)
+  local st = g:stats()
+  assert.equal(0, st.inflight)
+  assert.equal(2, st.calls)
+  if ran_early then
+    assert.same({ "first", "second" }, ran)
+    assert.same({ n = 3, { "first" }, "err first", false }, out1)
+    assert.same({ n = 3, { "second" }, "err second", false }, out2)
+    assert.equal(2, st.executions)
+    assert.equal(0, st.shared)
+    return
+  end
+  assert.same({ "first" }, ran)
+  assert.same({ "first" }, out1[1])
+  assert.equal(out1[1], out2[1]) -- the very same table
+  assert.equal("err first", out1[2])
+  assert.equal("err first", out2[2])
+  assert.is_true(out1[3]) -- a duplicate joined
+  assert.is_true(out2[3])
+  assert.equal(1, st.executions)
+  assert.equal(1, st.shared)
+  assert.same({ n = 3, out1[1], "err first", true }, pack(f1:wait()))
+  assert.same({ n = 3, out1[1], "err first", true }, pack(f2:wait()))
+end
+
+case("start twice back to back: the second joins the first, whose fn yields", function(make)
+  back_to_back(make, true)
+end)
+
+case("start twice back to back: the second joins the first, whose fn does not yield", function(make)
+  back_to_back(make, false)
+end)
+
 -- Go's TestPanicDoChan: Go's process dies; here wait raises the panic
 case("start: a panic in fn is raised from wait, and nothing else dies", function(make)
   local s = make()
