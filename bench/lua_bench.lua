@@ -345,12 +345,42 @@ local function inflight()
   end
 end
 
+-- Opening a process-wide group by name, with few and with many other
+-- groups alive: ns per open (and close) of one more name.
+local function named_groups()
+  local n = scaled(20000, 100)
+  local function per_open(tag)
+    local t = clock()
+    for i = 1, n do
+      singleflight.group(tag .. i):close()
+    end
+    return (clock() - t) / n * 1e9
+  end
+  local alive = {}
+  for i = 1, 10 do
+    alive[i] = singleflight.group("few:" .. i)
+  end
+  local few = per_open("probe-few:")
+  local many = scaled(100000, 1000)
+  for i = 11, many do
+    alive[i] = singleflight.group("many:" .. i)
+  end
+  local lots = per_open("probe-many:")
+  for i = 1, #alive do
+    alive[i]:close()
+  end
+  out("named_open_10_ns", few)
+  out("named_open_many_ns", lots)
+  out("named_alive_many", many)
+end
+
 ---------------------------------------------------------------------------
 
 if mode == "speed" then
   uncontended()
   contention()
   stampede()
+  named_groups()
 elseif mode == "memory" then
   growth()
   inflight()

@@ -277,7 +277,7 @@ end
 -- A same-state duplicate waits on the flight of c.
 local function wait_local(opts, c, ref, skey, deadline)
   local be = opts.be or backend_of(opts)
-  local why = cannot_wait(be)
+  local why = be.can_wait and cannot_wait(be)
   if why then
     if opts.timeout == 0 then -- it would not have waited anyway
       leave(ref)
@@ -529,7 +529,9 @@ if rawget(_G, "jit") then
   local FLAGS = core.COUNT -- errors blame this frame's caller
   function M.call(self, key, fn, ...)
     local st, sf_call, b, skey = acquire(self, key, fn, "call", FLAGS)
-    if st ~= DONE then -- not the leader
+    if st == JOINED then
+      return join(self, st, sf_call, b, skey, rerun, fn, ...)
+    elseif st ~= DONE then -- not the leader
       return after(self, key, fn, rerun, st, sf_call, b, skey, nil, ...)
     end
     local ok, v, err = xpcall(fn, handler, ...)
