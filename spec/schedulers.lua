@@ -109,7 +109,7 @@ local function wakeup_gate(copas)
   local g = { opened = false, cos = {} }
   function g.wait()
     local sf = require "singleflight"
-    local current = copas.current_thread or sf.running or sf._running
+    local current = copas.current_thread or sf.running
     g.cos[#g.cos + 1] = current()
     while not g.opened do
       copas.pauseforever()

@@ -47,17 +47,12 @@ end
 backend.generation = (wakeup and pause and pauseforever) and "wakeup" or "sockets"
 
 -- The coroutine copas resumes: on Lua 5.1 singleflight runs fn in helper
--- coroutines, and copas knows only the thread they yield through.
+-- coroutines, and copas knows only the thread they yield through
+-- (singleflight.running, public).
 local function thread()
   local sf = package.loaded.singleflight
-  if type(sf) == "table" then
-    local running = sf.running
-    if type(running) ~= "function" then
-      running = sf._running
-    end
-    if type(running) == "function" then
-      return running()
-    end
+  if type(sf) == "table" and type(sf.running) == "function" then
+    return sf.running()
   end
   return co_running()
 end
