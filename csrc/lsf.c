@@ -178,12 +178,10 @@ static void check_fn(lua_State *L, int idx, int level, int arg,
 /* ---- groups ---- */
 
 /* handle(group) -> the group's handle, protected: a memory error gives
- * the group back. A named group's C memory is counted into its handle, so
- * that the collector paces itself by what a handle really holds. */
+ * the group back. */
 static int push_group_protected(lua_State *L) {
   sf_group *g = (sf_group *)lua_touserdata(L, 1);
-  size_t extra = sf_group_name(g, NULL) ? sf_group_footprint(g) : 0;
-  lsf_group *ug = (lsf_group *)lua_newuserdata(L, sizeof *ug + extra);
+  lsf_group *ug = (lsf_group *)lua_newuserdata(L, sizeof *ug);
   ug->tag = &lsf_group_tag;
   ug->tiered = 0;
   ug->g = NULL;
@@ -202,6 +200,12 @@ static int push_group(lua_State *L, sf_group *g) {
     sf_group_release(g);
     return lua_error(L);
   }
+  /* A named group holds some kilobytes of C memory behind a small handle:
+   * the collector is told, by the work it would do had this state
+   * allocated them, so that dropped handles are collected, and their
+   * groups freed, at the pace of their real size. */
+  if (sf_group_name(g, NULL))
+    lua_gc(L, LUA_GCSTEP, (int)(sf_group_footprint(g) / 1024));
   return 1;
 }
 
@@ -856,6 +860,12 @@ static int lsf_now(lua_State *L) {
   return 1;
 }
 
+/* named() -> how many process-wide groups exist now, in the process. */
+static int lsf_named(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)sf_group_count());
+  return 1;
+}
+
 static int lsf_footprint(lua_State *L) {
   lua_Number len = luaL_optnumber(L, 1, 0);
   lua_pushnumber(L, (lua_Number)sf_call_footprint((size_t)len));
@@ -896,6 +906,7 @@ static const luaL_Reg functions[] = {
   {"decode", lsf_decode},
   {"now", lsf_now},
   {"footprint", lsf_footprint},
+  {"named", lsf_named},
   {"quote", lsf_quote},
   {NULL, NULL}
 };

@@ -371,6 +371,14 @@ void sf_group_release(sf_group *g) {
   group_unref(g, 1 + drop);
 }
 
+size_t sf_group_count(void) {
+  size_t n;
+  pthread_mutex_lock(&registry_mu);
+  n = registry_count;
+  pthread_mutex_unlock(&registry_mu);
+  return n;
+}
+
 size_t sf_group_footprint(const sf_group *g) {
   size_t n = sizeof *g + g->namelen + 1, i;
   for (i = 0; i < g->nshards; i++)

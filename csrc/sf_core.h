@@ -87,6 +87,8 @@ void sf_group_release(sf_group *g);
 /* Bytes of C memory the group holds whatever its calls (for the binding
  * to tell its garbage collector). */
 size_t sf_group_footprint(const sf_group *g);
+/* How many process-wide groups exist now. */
+size_t sf_group_count(void);
 /* The group's name (NULL for an unnamed group) and its length. */
 const char *sf_group_name(const sf_group *g, size_t *len);
 
