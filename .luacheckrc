@@ -5,3 +5,4 @@ files["spec"] = { std = "+busted" }
 files["lua/singleflight/backend/ngx.lua"] = { std = "ngx_lua" }
 files["spec/ngx_*.lua"] = { std = "ngx_lua" }
 files["tools/demo_app.lua"] = { std = "ngx_lua" }
+files["lua/singleflight/redis.lua"] = { std = "ngx_lua" }

@@ -1,0 +1,85 @@
+-- The settings of the Redis tier (singleflight.redis): checked at new, on
+-- every Lua, before anything needs OpenResty. The fleet itself is driven in
+-- 45-redis_fleet_spec.lua and 45-redis_faults_spec.lua.
+local redis_tier = require "singleflight.redis"
+
+describe("redis settings", function()
+  local bad = {
+    { "not a table", "x", "table expected, got string" },
+    { "an unknown field", { hots = "127.0.0.1" }, "unknown field \"hots\"" },
+    { "a field that is not a name", { [1] = "x" }, "unknown field 1" },
+    { "host not a string", { host = 1 }, "field 'host': string expected, got 1" },
+    { "host empty", { host = "" }, "field 'host': non-empty string expected" },
+    { "port a string", { port = "6379" },
+      "field 'port': integer from 1 to 65535 expected, got \"6379\"" },
+    { "port 0", { port = 0 }, "field 'port': integer from 1 to 65535 expected, got 0" },
+    { "port too big", { port = 65536 }, "field 'port': integer from 1 to 65535" },
+    { "port a fraction", { port = 6379.5 }, "field 'port': integer from 1 to 65535" },
+    { "path and host", { path = "/run/redis.sock", host = "127.0.0.1" },
+      "field 'path' (a unix socket) goes without 'host' and 'port'" },
+    { "path and port", { path = "/run/redis.sock", port = 6379 },
+      "field 'path' (a unix socket) goes without 'host' and 'port'" },
+    { "path not a string", { path = true }, "field 'path': string expected, got boolean" },
+    { "password not a string", { password = 123 }, "field 'password': string expected" },
+    { "db negative", { db = -1 }, "field 'db': non-negative integer expected, got -1" },
+    { "db a fraction", { db = 1.5 }, "field 'db': non-negative integer expected, got 1.5" },
+    { "prefix a table", { prefix = {} }, "field 'prefix': string expected, got table" },
+    { "lease zero", { lease = 0 }, "field 'lease': positive number of seconds expected, got 0" },
+    { "lease a string", { lease = "5" }, "field 'lease': positive number of seconds expected" },
+    { "lease infinite", { lease = math.huge }, "field 'lease': positive number of seconds" },
+    { "lease NaN", { lease = 0 / 0 }, "field 'lease': positive number of seconds" },
+    { "timeout negative", { timeout = -0.5 }, "field 'timeout': positive number of seconds" },
+    { "pool_size zero", { pool_size = 0 }, "field 'pool_size': positive integer expected, got 0" },
+  }
+  for _, row in ipairs(bad) do
+    local what, settings, msg = row[1], row[2], row[3]
+    it("raises for " .. what .. ", naming it", function()
+      local ok, err = pcall(function()
+        redis_tier.new(settings)
+      end)
+      assert.is_false(ok)
+      assert.is_string(err)
+      local head = "bad option 'redis' to 'new' ("
+      assert.equal(head, (err:match("^[^\n]-:%d+: (.*)$") or err):sub(1, #head))
+      assert.truthy(err:find(msg, 1, true), err)
+    end)
+  end
+
+  it("blames the caller of new, or the caller `level` levels up", function()
+    local ok, err = pcall(function()
+      redis_tier.new({ lease = "x" }) -- this line
+    end)
+    assert.is_false(ok)
+    assert.truthy(err:find("45%-redis_settings_spec%.lua:%d+: "), err)
+    local function group_new(s)
+      local fleet = redis_tier.new(s, "group", 2)
+      return fleet
+    end
+    local line
+    ok, err = pcall(function()
+      line = debug.getinfo(1, "l").currentline + 1
+      group_new({ porrt = 1 })
+    end)
+    assert.is_false(ok)
+    assert.truthy(err:find(":" .. line .. ": bad option 'redis' to 'group' (unknown field \"porrt\")",
+                           1, true), err)
+  end)
+
+  it("check fills in the defaults", function()
+    assert.same({ host = "127.0.0.1", port = 6379, db = 0, prefix = "singleflight:",
+                  lease = 5, timeout = 0.5 }, redis_tier.check({}))
+    assert.same({ path = "/run/redis.sock", db = 2, prefix = "app:", lease = 1, timeout = 0.1,
+                  password = "pw", pool_size = 8 },
+                redis_tier.check({ path = "/run/redis.sock", db = 2, prefix = "app:", lease = 1,
+                                   timeout = 0.1, password = "pw", pool_size = 8 }))
+  end)
+
+  it("good settings outside OpenResty: an error that says what it needs", function()
+    if rawget(_G, "ngx") then
+      return
+    end
+    local ok, err = pcall(redis_tier.new, { port = 6379 })
+    assert.is_false(ok)
+    assert.truthy(err:find("needs OpenResty", 1, true), err)
+  end)
+end)
