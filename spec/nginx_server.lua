@@ -6,9 +6,27 @@
 -- the LuaJIT build of singleflight.core. stop() ends it and removes the
 -- prefix. The worker also exits by itself after a while (init_worker), in
 -- case the spec run dies first.
+--
+-- start(lifetime, opts) takes, all optional:
+--   http     directives added to the http block
+--   servers  more server blocks; @PORT2@, @PORT3@, ... in them become more
+--            free ports (server.ports[2], ...)
+--   init, init_worker   Lua code run in init_by_lua (after ngx_app is
+--            loaded) and in init_worker_by_lua
+--   cert     true: a self-signed certificate made with the openssl command,
+--            conf/cert.pem and conf/key.pem (start returns nil, why if
+--            openssl is missing)
+--   workers  N: a master process and N workers (else one process, no
+--            master); server.workers() lists the workers' pids. The master
+--            also goes away by itself after `lifetime` seconds.
+-- With SINGLEFLIGHT_NGINX_VALGRIND=1 in the environment nginx runs under
+-- valgrind (logs/valgrind.*.log; server.valgrind_errors() reads them).
 local socket = require "socket"
 
 local M = {}
+
+-- How much longer than usual answers may take (nginx under valgrind).
+M.patience = os.getenv("SINGLEFLIGHT_NGINX_VALGRIND") == "1" and 10 or 1
 
 local MODULE_DIRS = { "/usr/share/nginx/modules", "/usr/lib/nginx/modules" }
 
@@ -74,8 +92,7 @@ end
 
 local CONF = [[
 daemon on;
-master_process off;
-worker_processes 1;
+@PROCESSES@
 pid logs/nginx.pid;
 error_log logs/error.log @LOGLEVEL@;
 load_module @NDK@;
@@ -97,9 +114,12 @@ http {
 
   init_by_lua_block {
     app = require "ngx_app"
+    @INIT@
   }
   init_worker_by_lua_block {
     app.init_worker(@LIFETIME@)
+    @GUARD@
+    @INIT_WORKER@
   }
 
   server {
@@ -121,37 +141,92 @@ http {
       log_by_lua_block { app.log() }
       content_by_lua_block { ngx.say("logged") }
     }
+    location = /gone_leader {
+      content_by_lua_block { app.content() }
+      log_by_lua_block { app.gone_finished() }
+    }
   }
+@HTTP@
+@SERVERS@
 }
 ]]
 
---- Starts nginx; returns a server { port, prefix, stop, log } or nil, why.
-function M.start(lifetime)
+-- With workers, nginx has a master process, which would start a worker
+-- again after the one-process safety exit: the first worker ends it, a
+-- second earlier.
+local MASTER_GUARD = [=[
+    if ngx.worker.id() == 0 then
+      ngx.timer.at(@SECS@, function()
+        os.execute("kill -QUIT " .. require("ngx.process").get_master_pid())
+      end)
+    end]=]
+
+local function processes(n)
+  -- as root, the workers run as root too (they read the checkout and the
+  -- prefix, which is private to this user)
+  local _, uid = sh("id -u")
+  return "master_process on;\nworker_processes " .. math.floor(n) .. ";"
+         .. (tonumber(uid) == 0 and "\nuser root;" or "")
+end
+
+--- Starts nginx; returns a server { port, ports, prefix, stop, log, ... }
+-- or nil, why.
+function M.start(lifetime, opts)
+  opts = opts or {}
   local found, why = M.find()
   if not found then
     return nil, why
+  end
+  if opts.cert and not sh("command -v openssl") then
+    return nil, "the openssl command is not installed"
   end
   local ok, out = sh("mktemp -d /tmp/singleflight-nginx.XXXXXX")
   local prefix = ok and out:match("(/tmp/singleflight%-nginx%.[%w]+)")
   assert(prefix, "mktemp failed: " .. out)
   assert(sh("mkdir -p " .. quote(prefix) .. "/conf " .. quote(prefix) .. "/logs "
             .. quote(prefix) .. "/tmp"))
-  local port = free_port()
+  if opts.cert then
+    local made, msg = sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1"
+                         .. " -nodes -days 2 -subj /CN=localhost"
+                         .. " -keyout " .. quote(prefix .. "/conf/key.pem")
+                         .. " -out " .. quote(prefix .. "/conf/cert.pem"))
+    if not made then
+      sh("rm -rf " .. quote(prefix))
+      return nil, "openssl could not make a certificate: " .. msg
+    end
+  end
+  local ports = { free_port() }
+  local port = ports[1]
+  local servers = (opts.servers or ""):gsub("@PORT(%d+)@", function(i)
+    i = tonumber(i)
+    for j = #ports + 1, i do
+      ports[j] = free_port()
+    end
+    return tostring(ports[i])
+  end)
   local lpath = table.concat({
     found.root .. "/lua/?.lua", found.root .. "/lua/?/init.lua",
     found.root .. "/spec/?.lua", "/usr/share/lua/5.1/?.lua",
     "/usr/share/lua/5.1/?/init.lua",
   }, ";")
-  local conf = CONF:gsub("@(%u+)@", {
+  local conf = CONF:gsub("@([%u_]+)@", {
     LPATH = lpath,
     NDK = found.ndk, LUA = found.lua, ROOT = found.root, PORT = tostring(port),
     LIFETIME = tostring(lifetime or 120),
     LOGLEVEL = os.getenv("SINGLEFLIGHT_NGINX_LOG") or "warn",
+    INIT = opts.init or "", INIT_WORKER = opts.init_worker or "",
+    HTTP = opts.http or "", SERVERS = servers,
+    PROCESSES = opts.workers and processes(opts.workers)
+                or "master_process off;\nworker_processes 1;",
+    GUARD = opts.workers
+            and (MASTER_GUARD:gsub("@SECS@", tostring(math.max(1, (lifetime or 120) - 1))))
+            or "",
   })
   local f = assert(io.open(prefix .. "/conf/nginx.conf", "w"))
   f:write(conf)
   f:close()
-  local server = { port = port, prefix = prefix }
+  local server = { port = port, ports = ports, prefix = prefix }
+  local valgrind = os.getenv("SINGLEFLIGHT_NGINX_VALGRIND") == "1"
 
   function server.log()
     local lf = io.open(prefix .. "/logs/error.log", "r")
@@ -177,6 +252,64 @@ function M.start(lifetime)
     return pid ~= nil and (sh("kill -0 " .. pid))
   end
 
+  --- The pids of nginx's worker processes (with opts.workers), sorted.
+  function server.workers()
+    local pid = server.pid()
+    local pids = {}
+    if pid then
+      local _, list = sh("pgrep -P " .. pid)
+      for p in list:gmatch("%d+") do
+        pids[#pids + 1] = tonumber(p)
+      end
+    end
+    table.sort(pids)
+    return pids
+  end
+
+  --- Sends signal `sig` (a name: "QUIT", "TERM", ...) to nginx.
+  function server.signal(sig)
+    local pid = server.pid()
+    return pid ~= nil and (sh("kill -" .. sig .. " " .. pid))
+  end
+
+  --- True once nginx has exited, within `secs` seconds.
+  function server.exited(secs)
+    local pid = server.pid()
+    local deadline = socket.gettime() + (secs or 5)
+    while pid and sh("kill -0 " .. pid) do
+      if socket.gettime() > deadline then
+        return false
+      end
+      socket.sleep(0.02)
+    end
+    return true
+  end
+
+  --- The invalid reads and writes valgrind saw, each with its stacks
+  -- (nil: not under valgrind).
+  function server.valgrind_errors()
+    if not valgrind then
+      return nil
+    end
+    local _, text = sh("cat " .. quote(prefix) .. "/logs/valgrind.*.log")
+    local hits, block = {}, nil
+    for line in text:gmatch("[^\n]*") do
+      if line:find("Invalid read of size", 1, true)
+         or line:find("Invalid write of size", 1, true) then
+        block = { line }
+        hits[#hits + 1] = block
+      elseif block and line:match("^==%d+== *$") then
+        block = nil
+      elseif block then
+        block[#block + 1] = line
+      end
+    end
+    for i, b in ipairs(hits) do
+      hits[i] = table.concat(b, "\n")
+    end
+    return hits
+  end
+
   function server.stop()
     local pid = server.pid()
     if pid then
@@ -196,15 +329,20 @@ function M.start(lifetime)
     end
   end
 
-  local started, msg = sh(quote(found.nginx) .. " -p " .. quote(prefix .. "/")
-                          .. " -c conf/nginx.conf -e logs/error.log")
+  local cmd = quote(found.nginx) .. " -p " .. quote(prefix .. "/")
+              .. " -c conf/nginx.conf -e logs/error.log"
+  if valgrind then
+    cmd = "valgrind -q --trace-children=yes --num-callers=30 --log-file="
+          .. quote(prefix .. "/logs/valgrind.%p.log") .. " " .. cmd
+  end
+  local started, msg = sh(cmd)
   if not started then
     local log = server.log()
     server.stop()
     error("nginx did not start: " .. msg .. "\n" .. log)
   end
   -- accepting connections?
-  for _ = 1, 100 do
+  for _ = 1, valgrind and 600 or 100 do
     local c = socket.connect("127.0.0.1", port)
     if c then
       c:close()

@@ -1,7 +1,9 @@
 -- The application the OpenResty specs talk to over HTTP (nginx_server.lua
--- starts nginx with it; 40-openresty_spec.lua drives it). One worker, so
--- module-level state is shared by every request. Each handler answers
--- with lines of key=value.
+-- starts nginx with it; the 40- and 41-openresty specs drive it). One
+-- worker, so module-level state is shared by every request (but for the
+-- handlers named cc_*, which serve a server with lua_code_cache off: a Lua
+-- state per request, meeting in singleflight.group("cc") and a shared
+-- dict). Each handler answers with lines of key=value.
 local singleflight = require "singleflight"
 local ngx_backend = require "singleflight.backend.ngx"
 
@@ -31,6 +33,10 @@ local groups = {
   slow = singleflight.group("slow"),
   slow_error = singleflight.group("slow", { timeout = 0.1 }),
   slow_run = singleflight.group("slow", { timeout = 0.1, on_timeout = "run" }),
+  -- leaders whose request ends inside fn; no timeout anywhere
+  gone = singleflight.new(),
+  -- the nginx edges: ssl phases, g:start in every phase
+  edge = singleflight.new(),
 }
 
 local function reply(t)
@@ -157,6 +163,292 @@ function handlers.phase_leader()
     return "leader"
   end)
   reply { value = v }
+end
+
+---------------------------------------------------------------------------
+-- Leaders that go away: the request of the leader of ?key= ends inside fn,
+-- ?how=exit|exec|redirect|abort, or, under g:start, its light thread is
+-- killed (?how=kill) or the request exits around it (?how=start_exit). The
+-- leader holds on until ?n= duplicates (gone_dup) joined. ended_at says
+-- when its request ended, for the duplicates' reports.
+
+local ended_at, gone_threads = {}, {}
+
+local function joined(g, n)
+  local base = g:stats().shared
+  return function()
+    return g:stats().shared >= base + n
+  end
+end
+
+function handlers.gone_leader(args)
+  local g, key, how = groups.gone, args.key, args.how
+  local all_in = joined(g, tonumber(args.n))
+  if how == "kill" or how == "start_exit" then
+    local f = g:start(key, function()
+      gone_threads[key] = coroutine.running()
+      ngx.sleep(30)
+      return "first"
+    end)
+    sleep_until(all_in, 10)
+    ended_at[key] = now()
+    if how == "start_exit" then
+      return ngx.exit(204)
+    end
+    local ok, err = ngx.thread.kill(gone_threads[key])
+    return reply { killed = ok and true or false, err = err, ready = f:ready() }
+  end
+  local v = g:call(key, function()
+    sleep_until(all_in, 10)
+    if how ~= "abort" then
+      ended_at[key] = now()
+    end
+    if how == "exit" then
+      ngx.exit(503)
+    elseif how == "exec" then
+      ngx.exec("/gone_exec_target")
+    elseif how == "redirect" then
+      ngx.redirect("/gone_elsewhere", 302)
+    end
+    ngx.sleep(30) -- abort: until the client goes away
+    return "first"
+  end)
+  reply { value = v }
+end
+
+--- The log phase of /gone_leader: an aborted request ends here.
+function app.gone_finished()
+  local key = ngx.var.arg_key
+  if key and not ended_at[key] then
+    ended_at[key] = now()
+  end
+end
+
+function handlers.gone_exec_target()
+  reply { exec_target = "reached" }
+end
+
+--- A duplicate of ?key=: it leads, should it take over.
+function handlers.gone_dup(args)
+  local g, key = groups.gone, args.key
+  local led = false
+  local v, err, shared = g:call(key, function()
+    led = true
+    ngx.sleep(0.02)
+    return "second"
+  end)
+  reply {
+    value = v, err = err, shared = shared, led = led,
+    after_ms = ended_at[key] and (now() - ended_at[key]) * 1000 or -1,
+  }
+end
+
+--- A duplicate that is a future.
+function handlers.gone_future(args)
+  local g, key = groups.gone, args.key
+  local led = false
+  local f = g:start(key, function()
+    led = true
+    return "second"
+  end)
+  local v, err, shared = f:wait()
+  reply {
+    value = v, err = err, shared = shared, led = led,
+    after_ms = ended_at[key] and (now() - ended_at[key]) * 1000 or -1,
+  }
+end
+
+--- A light thread leads ?key= and is killed with ngx.thread.kill; then, with
+-- ?self=1, the request calls ?key= itself.
+function handlers.kill_then_call(args)
+  local g, key = groups.gone, args.key
+  local before = g:stats()
+  local co = ngx.thread.spawn(function()
+    return g:call(key, function()
+      ngx.sleep(30)
+      return "thread"
+    end)
+  end)
+  local leading = g:stats().executions == before.executions + 1
+  local killed = ngx.thread.kill(co) and true or false
+  local out = { leading = leading, killed = killed }
+  if args.self then
+    out.value = g:call(key, function()
+      out.led = true
+      return "self"
+    end)
+  end
+  local st = g:stats()
+  out.inflight, out.abandoned = st.inflight, st.abandoned - before.abandoned
+  reply(out)
+end
+
+---------------------------------------------------------------------------
+-- lua_code_cache off (cc_*): every request is a Lua state of its own; they
+-- meet in the process-wide group "cc", and in the shared dict sf_spec.
+
+local function cc_group(args)
+  return singleflight.group("cc", { timeout = tonumber(args.timeout) })
+end
+
+--- The leader of ?key=: holds on until cc_release, or, with ?how=exit,
+-- ends its request with ngx.exit(503) once a duplicate joined.
+function handlers.cc_lead(args)
+  local g, key, dict = cc_group(args), args.key, ngx.shared.sf_spec
+  local v = g:call(key, function()
+    if args.how == "exit" then
+      sleep_until(joined(g, 1), 10)
+      dict:set("ended:" .. key, now())
+      ngx.exit(503)
+    end
+    sleep_until(function() return dict:get("release:" .. key) end, 10)
+    return { v = "from leader " .. key }
+  end)
+  reply { value = v.v }
+end
+
+function handlers.cc_release(args)
+  ngx.shared.sf_spec:set("release:" .. args.key, true)
+  reply { released = args.key }
+end
+
+function handlers.cc_dup(args)
+  local g, key = cc_group(args), args.key
+  local led, t0 = false, now()
+  local v, err, shared = g:call(key, function()
+    led = true
+    return { v = "own" }
+  end)
+  local ended = ngx.shared.sf_spec:get("ended:" .. key)
+  reply {
+    value = v and v.v, err = err, shared = shared, led = led,
+    waited_ms = (now() - t0) * 1000,
+    after_ms = ended and (now() - ended) * 1000 or -1,
+  }
+end
+
+function handlers.cc_stats()
+  local st = singleflight.group("cc"):stats()
+  st.pending_timers = ngx.timer.pending_count()
+  st.running_timers = ngx.timer.running_count()
+  reply(st)
+end
+
+---------------------------------------------------------------------------
+-- TLS: /tls makes a handshake with the TLS server of this nginx
+-- (?port=), through a cosocket; the phase ?phase= (hello, cert, fetch)
+-- then does ?act=: dup (a duplicate of "tls", held by tls_hold), lead (the
+-- leader of a fresh key) or start (g:start). fetch needs a resumed session:
+-- a first handshake makes one.
+
+local tls = { plan = nil, log = {} }
+
+function handlers.tls_hold()
+  local g = groups.edge
+  tls.released = false
+  local v = g:call("tls", function()
+    sleep_until(function() return tls.released end, 10)
+    return "held"
+  end)
+  reply { value = v }
+end
+
+function handlers.tls_release()
+  tls.released = true
+  reply { released = true }
+end
+
+local function handshake(port, session)
+  local sock = ngx.socket.tcp()
+  sock:settimeout(5000)
+  local ok, err = sock:connect("127.0.0.1", tonumber(port))
+  if not ok then
+    return nil, "connect: " .. tostring(err)
+  end
+  local sess, herr = sock:sslhandshake(session, "localhost", false)
+  sock:close()
+  return sess, herr
+end
+
+function handlers.tls(args)
+  tls.log = {}
+  local session
+  if args.phase == "fetch" then
+    session = handshake(args.port)
+  end
+  tls.plan = { phase = args.phase, act = args.act }
+  local sess, err = handshake(args.port, session)
+  tls.plan = nil
+  local out = { handshake = sess ~= nil, err = err }
+  for k, v in pairs(tls.log) do
+    out[k] = v
+  end
+  reply(out)
+end
+
+function app.tls_phase(phase)
+  local plan = tls.plan
+  tls.log["ran_" .. phase] = true
+  if not plan or plan.phase ~= phase then
+    return
+  end
+  local g = groups.edge
+  if plan.act == "dup" then
+    local ok, v = pcall(g.call, g, "tls", function() return "dup led" end)
+    tls.log.ok, tls.log.result = ok, tostring(v)
+  elseif plan.act == "lead" then
+    local key = "tls-lead-" .. phase .. "-" .. now()
+    local ok, v = pcall(g.call, g, key, function() return "led in " .. ngx.get_phase() end)
+    tls.log.ok, tls.log.result = ok, tostring(v)
+  elseif plan.act == "start" then
+    local ok, f = pcall(g.start, g, "tls-start-" .. phase, function()
+      ngx.sleep(0.01) -- a yield: in a light thread here, the handshake would end
+      return "ran in " .. ngx.get_phase()
+    end)
+    tls.log.ok, tls.log.result = ok, tostring(f)
+    tls.future = ok and f or nil
+  end
+end
+
+function handlers.tls_future()
+  local f = tls.future
+  if not f then
+    return reply { missing = true }
+  end
+  local v, err = f:wait(5)
+  reply { value = v, err = err }
+end
+
+---------------------------------------------------------------------------
+-- g:start in every phase: try_start(phase) keeps what happened; /starts
+-- tells, after waiting for the futures that started. In exit_worker the
+-- outcome goes to the error log.
+
+local starts = {}
+
+function app.try_start(phase)
+  local g = groups.edge
+  local ok, f = pcall(g.start, g, "start-in-" .. phase, function()
+    return "ran in " .. ngx.get_phase()
+  end)
+  starts[phase] = { ok = ok, f = ok and f or nil, err = not ok and tostring(f) or nil }
+  if phase == "exit_worker" then
+    ngx.log(ngx.WARN, "start in exit_worker: ", ok and "started" or tostring(f))
+  end
+end
+
+function handlers.starts()
+  local out = {}
+  for phase, r in pairs(starts) do
+    out[phase .. "_ok"] = r.ok
+    if r.ok then
+      local v, err = r.f:wait(5)
+      out[phase .. "_value"] = v or err
+    else
+      out[phase .. "_err"] = r.err
+    end
+  end
+  reply(out)
 end
 
 function handlers.stats(args)
