@@ -144,6 +144,45 @@ function helpers.run_source(src, ...)
   return assert(load(src, "=" .. "source"))(...)
 end
 
+--- The command of the Lua that runs the specs: "lua5.4", "luajit", ...
+function helpers.lua_command()
+  if rawget(_G, "jit") then
+    return "luajit"
+  end
+  return "lua" .. _VERSION:match("(%d+%.%d+)$")
+end
+
+--- Runs the Lua source `src` in a child process of the same Lua, with this
+-- process's package.path and package.cpath (so from the same directory),
+-- under a hang guard of `guard` seconds (default 60), so that a crash
+-- fails a spec instead of ending the run. Returns what the child wrote
+-- (stdout and stderr together) and its exit status: 128 + N when signal N
+-- ended it, 124 when the hang guard did.
+function helpers.run_child(src, guard)
+  local script = os.tmpname()
+  local f = assert(io.open(script, "w"))
+  f:write(string.format("package.path = %q\npackage.cpath = %q\n",
+                        package.path, package.cpath), src)
+  f:close()
+  local p = assert(io.popen(string.format("timeout %d %s %s 2>&1; echo \"rc=$?\"",
+                                          guard or 60, helpers.lua_command(), script)))
+  local out = p:read("*a")
+  p:close()
+  os.remove(script)
+  local text, rc = out:match("^(.-)rc=(%d+)%s*$")
+  return text or out, tonumber(rc)
+end
+
+--- How a child's exit status reads in a message.
+function helpers.exit_text(rc)
+  if rc == 124 then
+    return "hung (killed by the hang guard)"
+  elseif rc and rc > 128 then
+    return "died of signal " .. (rc - 128)
+  end
+  return "exited with status " .. tostring(rc)
+end
+
 helpers.unpack = unpack
 helpers.lua51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 helpers.lua54 = _VERSION == "Lua 5.4"
