@@ -1,0 +1,149 @@
+-- The application of the Redis specs' nginx instances (redis_server.lua
+-- starts them; the 45-redis specs drive them over HTTP). It calls the Redis
+-- tier directly: /run?key=&rport=... is one fleet:outcome(key, produce)
+-- whose produce appends "key instance pid" to a file shared by the whole
+-- fleet (the count of executions), sleeps ?sleep= seconds and returns an
+-- outcome encoded by singleflight.core. Each handler answers with lines of
+-- key=value.
+local core = require "singleflight.core"
+local redis_tier = require "singleflight.redis"
+
+local ngx = ngx
+local concat, tostring, tonumber = table.concat, tostring, tonumber
+
+local app = {}
+local name, count_file
+
+local function reply(t)
+  local out = {}
+  for k, v in pairs(t) do
+    out[#out + 1] = k .. "=" .. tostring(v)
+  end
+  table.sort(out)
+  ngx.say(concat(out, "\n"))
+end
+
+local function now()
+  ngx.update_time()
+  return ngx.now()
+end
+
+-- The wall clock in microseconds, for the gap from the leader's end to a
+-- waiter's return (ngx.now has milliseconds only).
+local ffi = require "ffi"
+ffi.cdef [[
+  typedef struct { long tv_sec; long tv_usec; } sf_spec_timeval;
+  int gettimeofday(sf_spec_timeval *tv, void *tz);
+]]
+local tv = ffi.new("sf_spec_timeval")
+local function precise_now()
+  ffi.C.gettimeofday(tv, nil)
+  return tonumber(tv.tv_sec) + tonumber(tv.tv_usec) / 1e6
+end
+
+-- One fleet handle per worker and settings (?rport or ?rpath, ?prefix,
+-- ?lease, ?password, ?timeout, ?db).
+local fleets = {}
+
+local function fleet_of(args)
+  local id = concat({ args.rport or "", args.rpath or "", args.prefix or "", args.lease or "",
+                      args.password or "", args.timeout or "", args.db or "" }, "|")
+  local f = fleets[id]
+  if not f then
+    f = redis_tier.new {
+      port = tonumber(args.rport), path = args.rpath, prefix = args.prefix,
+      lease = tonumber(args.lease), password = args.password, timeout = tonumber(args.timeout),
+      db = tonumber(args.db),
+    }
+    fleets[id] = f
+  end
+  return f, args.prefix or "singleflight:"
+end
+
+-- This worker's counters, by prefix, kept in the shared dict for /stats.
+local function publish_stats(f, prefix)
+  local dict, pid = ngx.shared.fleet_spec, ngx.worker.pid()
+  for k, v in pairs(f:stats()) do
+    dict:set("st|" .. prefix .. "|" .. pid .. "|" .. k, v)
+  end
+end
+
+local handlers = {}
+
+function handlers.run(args)
+  local f, prefix = fleet_of(args)
+  local key, pause = args.key, tonumber(args.sleep) or 0.2
+  local function produce()
+    local cf = assert(io.open(count_file, "a"))
+    cf:write(key, " ", name, " ", ngx.worker.pid(), "\n")
+    cf:close()
+    ngx.sleep(pause)
+    if args.mode == "panic" then
+      return assert(core.encode(false, { code = 42, by = name }, "the leader's traceback"))
+    end
+    return assert(core.encode(true, {
+      value = args.value or "v", by = name, at = precise_now(), list = { 1, 2, { 3 } },
+    }, "second"))
+  end
+  local t0 = now()
+  local bytes, how, n = f:outcome(key, produce)
+  local t1, t1p = now(), precise_now()
+  publish_stats(f, prefix)
+  local ok, a, b = core.decode(bytes)
+  local out = {
+    how = how, ok = ok, instance = name, pid = ngx.worker.pid(), took_ms = (t1 - t0) * 1000,
+    published = n,
+  }
+  if ok then
+    out.value, out.by, out.err = a.value, a.by, b
+    out.list = a.list and (a.list[1] .. "," .. a.list[2] .. "," .. a.list[3][1])
+    out.gap_ms = (t1p - a.at) * 1000
+  else
+    out.code, out.by, out.traceback = a.code, a.by, b
+  end
+  reply(out)
+end
+
+function handlers.forget(args)
+  local f, prefix = fleet_of(args)
+  local was, err = f:forget(args.key)
+  publish_stats(f, prefix)
+  reply { forgot = was, err = err }
+end
+
+--- The counters of ?prefix, summed over the workers that used it.
+function handlers.stats(args)
+  local dict, want = ngx.shared.fleet_spec, "st|" .. (args.prefix or "singleflight:") .. "|"
+  local sum = {}
+  for _, k in ipairs(dict:get_keys(0)) do
+    if k:sub(1, #want) == want then
+      local field = k:match("|([%w_]+)$")
+      sum[field] = (sum[field] or 0) + dict:get(k)
+    end
+  end
+  reply(sum)
+end
+
+function app.content()
+  local h = handlers[ngx.var.uri:match("^/([%w_]+)$") or ""]
+  if not h then
+    ngx.status = 404
+    return reply { error = "no handler" }
+  end
+  h(ngx.req.get_uri_args())
+end
+
+function app.init(instance_name, file)
+  name, count_file = instance_name, file
+end
+
+--- A safety net: the instance ends itself after `secs`, should the spec
+-- run die before it stops nginx (a worker's own exit would be respawned).
+function app.init_worker(secs)
+  local master = require("ngx.process").get_master_pid()
+  ngx.timer.at(secs, function()
+    os.execute("kill -TERM " .. tonumber(master))
+  end)
+end
+
+return app

@@ -1,0 +1,450 @@
+-- A throwaway redis-server and a fleet of nginx instances for the Redis
+-- specs (45-redis_*).
+--
+-- redis(opts) runs Debian's redis-server on 127.0.0.1 and a free port, no
+-- persistence, from a directory of its own; opts.password sets requirepass,
+-- opts.unixsocket adds a unix socket (server.path).
+-- It returns { port, command(...), command_in(db, ...), stop([how]), start(),
+-- close() }: command sends one command over a plain socket and returns the
+-- reply (errors as { err = msg }); stop ends the server (SHUTDOWN NOSAVE, or
+-- SIGKILL with how "kill"); start starts it again on the same port; close
+-- stops it and removes its directory.
+--
+-- fleet(n, opts) runs n nginx instances (master + opts.workers workers, 2 by
+-- default, `listen ... reuseport` spreading the connections over them), each
+-- serving ngx_fleet.lua with the LuaJIT build of singleflight.core, standing
+-- for n machines. It returns { instances = { {port, prefix, name, log(),
+-- kill(), pids()}, ... }, executions(key), stop() }. Every produce() of every
+-- instance appends a line to one file: executions(key) counts the lines of
+-- key. The workers also exit by themselves after a while, in case the spec
+-- run dies first.
+local socket = require "socket"
+local ns = require "nginx_server"
+
+local M = {}
+
+local function sh(cmd)
+  local p = assert(io.popen(cmd .. " 2>&1; echo \"rc=$?\""))
+  local out = p:read("*a")
+  p:close()
+  local rc = tonumber(out:match("rc=(%d+)%s*$"))
+  return rc == 0, (out:gsub("rc=%d+%s*$", ""))
+end
+
+local function quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+local function exists(path)
+  local f = io.open(path, "rb")
+  if f then
+    f:close()
+    return true
+  end
+  return false
+end
+
+-- A live process (a zombie left to a PID 1 that does not reap is gone).
+local function alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat", "r")
+  if not f then
+    return (sh("kill -0 " .. pid))
+  end
+  local stat = f:read("*a") or ""
+  f:close()
+  local state = stat:match("^%d+ %b() (%a)")
+  return state ~= nil and state ~= "Z"
+end
+
+local function any_alive(pids)
+  for _, pid in ipairs(pids) do
+    if alive(pid) then
+      return true
+    end
+  end
+  return false
+end
+
+local function free_port()
+  local s = assert(socket.bind("127.0.0.1", 0))
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+local function tempdir(what)
+  local ok, out = sh("mktemp -d /tmp/singleflight-" .. what .. ".XXXXXX")
+  local dir = ok and out:match("(/tmp/singleflight%-" .. what .. "%.[%w]+)")
+  assert(dir, "mktemp failed: " .. out)
+  return dir
+end
+
+--- What the specs need, or nil and why they can't run here.
+function M.find()
+  local found, why = ns.find()
+  if not found then
+    return nil, why
+  end
+  local server = os.getenv("REDIS_SERVER") or "/usr/bin/redis-server"
+  if not exists(server) then
+    return nil, "redis-server is not installed (Debian's redis-server)"
+  end
+  if not (exists("/usr/share/lua/5.1/nginx/redis.lua")
+          or exists("/usr/share/lua/5.1/resty/redis.lua")) then
+    return nil, "lua-resty-redis is not installed (Debian's lua-nginx-redis)"
+  end
+  found.redis_server = server
+  return found
+end
+
+---------------------------------------------------------------------------
+-- RESP over luasocket
+
+local function read_reply(c)
+  local line, err = c:receive("*l")
+  if not line then
+    return nil, err
+  end
+  local kind, rest = line:sub(1, 1), line:sub(2)
+  if kind == "+" then
+    return rest
+  elseif kind == "-" then
+    return { err = rest }
+  elseif kind == ":" then
+    return tonumber(rest)
+  elseif kind == "$" then
+    local len = tonumber(rest)
+    if len < 0 then
+      return false
+    end
+    local data = c:receive(len + 2)
+    return data and data:sub(1, len)
+  elseif kind == "*" then
+    local n = tonumber(rest)
+    if n < 0 then
+      return false
+    end
+    local t = {}
+    for i = 1, n do
+      t[i] = read_reply(c)
+    end
+    return t
+  end
+  return nil, "bad reply " .. line
+end
+
+local function command(port, password, db, ...)
+  local c = socket.tcp()
+  c:settimeout(5)
+  local ok, err = c:connect("127.0.0.1", port)
+  if not ok then
+    return nil, err
+  end
+  local function send(args)
+    local parts = { "*" .. #args .. "\r\n" }
+    for _, a in ipairs(args) do
+      a = tostring(a)
+      parts[#parts + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
+    end
+    assert(c:send(table.concat(parts)))
+    return read_reply(c)
+  end
+  if password then
+    send { "AUTH", password }
+  end
+  if db then
+    send { "SELECT", db }
+  end
+  local res
+  res, err = send { ... }
+  c:close()
+  return res, err
+end
+
+---------------------------------------------------------------------------
+-- redis-server
+
+function M.redis(opts)
+  opts = opts or {}
+  local found, why = M.find()
+  if not found then
+    return nil, why
+  end
+  local dir = tempdir("redis")
+  local server = { port = free_port(), dir = dir, password = opts.password }
+  if opts.unixsocket then
+    server.path = dir .. "/redis.sock"
+    assert(sh("chmod 0755 " .. quote(dir)))
+  end
+
+  function server.command(...)
+    return command(server.port, server.password, nil, ...)
+  end
+
+  --- A command on database `db`.
+  function server.command_in(db, ...)
+    return command(server.port, server.password, db, ...)
+  end
+
+  function server.pid()
+    local f = io.open(dir .. "/redis.pid", "r")
+    local pid = f and tonumber(f:read("*l"))
+    if f then
+      f:close()
+    end
+    return pid
+  end
+
+  function server.start()
+    local args = {
+      quote(found.redis_server), "--bind 127.0.0.1", "--port", server.port,
+      "--save ''", "--appendonly no", "--daemonize yes",
+      "--dir", quote(dir), "--pidfile", quote(dir .. "/redis.pid"),
+      "--logfile", quote(dir .. "/redis.log"),
+    }
+    if opts.password then
+      args[#args + 1] = "--requirepass " .. quote(opts.password)
+    end
+    if opts.unixsocket then
+      -- the nginx workers may run as another user
+      args[#args + 1] = "--unixsocket " .. quote(server.path) .. " --unixsocketperm 777"
+    end
+    local ok, out = sh(table.concat(args, " "))
+    assert(ok, "redis-server did not start: " .. out)
+    for _ = 1, 200 do
+      if server.command("PING") == "PONG" then
+        return server
+      end
+      socket.sleep(0.025)
+    end
+    error("redis-server does not answer on port " .. server.port)
+  end
+
+  -- Ends the server: `how` "kill" (SIGKILL) or a clean SHUTDOWN NOSAVE.
+  function server.stop(how)
+    local pid = server.pid()
+    if how ~= "kill" then
+      server.command("SHUTDOWN", "NOSAVE")
+    end
+    if pid then
+      if how == "kill" then
+        sh("kill -KILL " .. pid)
+      end
+      for _ = 1, 100 do
+        if not alive(pid) then
+          break
+        end
+        socket.sleep(0.02)
+      end
+      if alive(pid) then
+        sh("kill -KILL " .. pid)
+      end
+    end
+    os.remove(dir .. "/redis.pid")
+  end
+
+  function server.close()
+    server.stop()
+    sh("rm -rf " .. quote(dir))
+  end
+
+  return server.start()
+end
+
+---------------------------------------------------------------------------
+-- nginx instances
+
+local CONF = [[
+daemon on;
+master_process on;
+worker_processes @WORKERS@;
+pid logs/nginx.pid;
+error_log logs/error.log @LOGLEVEL@;
+load_module @NDK@;
+load_module @LUA@;
+
+events {
+  worker_connections 1024;
+}
+
+http {
+  access_log off;
+  client_body_temp_path tmp/body;
+  proxy_temp_path tmp/proxy;
+  fastcgi_temp_path tmp/fastcgi;
+  uwsgi_temp_path tmp/uwsgi;
+  scgi_temp_path tmp/scgi;
+  lua_package_path "@LPATH@;;";
+  lua_package_cpath "@ROOT@/build/jit/?.so;;";
+  lua_shared_dict fleet_spec 1m;
+
+  init_by_lua_block {
+    fleet_app = require "ngx_fleet"
+    fleet_app.init("@NAME@", "@COUNT@")
+  }
+  init_worker_by_lua_block {
+    fleet_app.init_worker(@LIFETIME@)
+  }
+
+  server {
+    listen 127.0.0.1:@PORT@ reuseport;
+    location / {
+      content_by_lua_block { fleet_app.content() }
+    }
+  }
+}
+]]
+
+local function instance(found, name, count_file, opts)
+  local prefix = tempdir("fleet")
+  assert(sh("mkdir -p " .. quote(prefix) .. "/conf " .. quote(prefix) .. "/logs "
+            .. quote(prefix) .. "/tmp"))
+  local port = free_port()
+  local lpath = table.concat({
+    found.root .. "/lua/?.lua", found.root .. "/lua/?/init.lua",
+    found.root .. "/spec/?.lua", "/usr/share/lua/5.1/?.lua",
+    "/usr/share/lua/5.1/?/init.lua",
+  }, ";")
+  local conf = CONF:gsub("@([%u_]+)@", {
+    WORKERS = tostring(opts.workers or 2),
+    LOGLEVEL = os.getenv("SINGLEFLIGHT_NGINX_LOG") or "warn",
+    NDK = found.ndk, LUA = found.lua, LPATH = lpath, ROOT = found.root,
+    NAME = name, COUNT = count_file, LIFETIME = tostring(opts.lifetime or 120),
+    PORT = tostring(port),
+  })
+  local f = assert(io.open(prefix .. "/conf/nginx.conf", "w"))
+  f:write(conf)
+  f:close()
+  local inst = { name = name, port = port, prefix = prefix }
+
+  function inst.log()
+    local lf = io.open(prefix .. "/logs/error.log", "r")
+    if not lf then
+      return ""
+    end
+    local text = lf:read("*a")
+    lf:close()
+    return text
+  end
+
+  function inst.master()
+    local pf = io.open(prefix .. "/logs/nginx.pid", "r")
+    local pid = pf and tonumber(pf:read("*l"))
+    if pf then
+      pf:close()
+    end
+    return pid
+  end
+
+  --- The master's pid and its workers'.
+  function inst.pids()
+    local master = inst.master()
+    if not master then
+      return {}
+    end
+    local pids = { master }
+    local _, out = sh("awk '$4 == " .. master .. " { print $1 }' /proc/[0-9]*/stat")
+    for pid in out:gmatch("%d+") do
+      pids[#pids + 1] = tonumber(pid)
+    end
+    return pids
+  end
+
+  --- The machine goes away: SIGKILL to the master and its workers at once.
+  function inst.kill()
+    local pids = inst.pids()
+    if #pids > 0 then
+      sh("kill -KILL " .. table.concat(pids, " "))
+    end
+    inst.killed = true
+    return pids
+  end
+
+  function inst.stop()
+    local pids = inst.pids()
+    if #pids > 0 then
+      sh("kill -TERM " .. pids[1])
+      for _ = 1, 100 do
+        if not any_alive(pids) then
+          break
+        end
+        socket.sleep(0.05)
+      end
+      if any_alive(pids) then
+        sh("kill -KILL " .. table.concat(pids, " "))
+      end
+    end
+    if not os.getenv("SINGLEFLIGHT_KEEP_NGINX") then
+      sh("rm -rf " .. quote(prefix))
+    end
+  end
+
+  local ok, msg = sh(quote(found.nginx) .. " -p " .. quote(prefix .. "/")
+                     .. " -c conf/nginx.conf -e logs/error.log")
+  if not ok then
+    local log = inst.log()
+    inst.stop()
+    error("nginx did not start: " .. msg .. "\n" .. log)
+  end
+  for _ = 1, 100 do
+    local c = socket.connect("127.0.0.1", port)
+    if c then
+      c:close()
+      return inst
+    end
+    socket.sleep(0.05)
+  end
+  local log = inst.log()
+  inst.stop()
+  error("nginx does not answer on port " .. port .. "\n" .. log)
+end
+
+function M.fleet(n, opts)
+  opts = opts or {}
+  local found, why = M.find()
+  if not found then
+    return nil, why
+  end
+  local dir = tempdir("count")
+  local count_file = dir .. "/executions"
+  -- the workers may run as another user (nobody, under a root master)
+  assert(sh("chmod 0777 " .. quote(dir)))
+  local fleet = { instances = {}, count_file = count_file }
+  for i = 1, n do
+    local ok, inst = pcall(instance, found, "i" .. i, count_file, opts)
+    if not ok then
+      for _, prev in ipairs(fleet.instances) do
+        prev.stop()
+      end
+      error(inst, 0)
+    end
+    fleet.instances[i] = inst
+  end
+
+  --- The executions of `key` so far, and the lines: "key instance pid".
+  function fleet.executions(key)
+    local f = io.open(count_file, "r")
+    if not f then
+      return 0, {}
+    end
+    local lines = {}
+    for line in f:lines() do
+      if line:match("^(%S+)") == key then
+        lines[#lines + 1] = line
+      end
+    end
+    f:close()
+    return #lines, lines
+  end
+
+  function fleet.stop()
+    for _, inst in ipairs(fleet.instances) do
+      inst.stop()
+    end
+    sh("rm -rf " .. quote(dir))
+  end
+
+  return fleet
+end
+
+return M
