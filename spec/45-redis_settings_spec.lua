@@ -61,8 +61,8 @@ describe("redis settings", function()
       group_new({ porrt = 1 })
     end)
     assert.is_false(ok)
-    assert.truthy(err:find(":" .. line .. ": bad option 'redis' to 'group' (unknown field \"porrt\")",
-                           1, true), err)
+    local want = ":" .. line .. ": bad option 'redis' to 'group' (unknown field \"porrt\")"
+    assert.truthy(err:find(want, 1, true), err)
   end)
 
   it("check fills in the defaults", function()
