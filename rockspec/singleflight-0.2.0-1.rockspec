@@ -30,6 +30,7 @@ build = {
     ["singleflight.options"] = "lua/singleflight/options.lua",
     ["singleflight.panic"] = "lua/singleflight/panic.lua",
     ["singleflight.runner"] = "lua/singleflight/runner.lua",
+    ["singleflight.redis"] = "lua/singleflight/redis.lua",
     ["singleflight.backend.ngx"] = "lua/singleflight/backend/ngx.lua",
     ["singleflight.backend.cqueues"] = "lua/singleflight/backend/cqueues.lua",
     ["singleflight.backend.copas"] = "lua/singleflight/backend/copas.lua",

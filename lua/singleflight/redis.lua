@@ -20,17 +20,18 @@
 --   t:lease:<token>   that execution's lease, PX lease, renewed by its
 --                     leader every lease/3 while produce runs
 --   t:result:<token>  its outcome, for a few seconds after it ends
---   channel t:done:<db>   "r<token>\n<bytes>" when it ends, "a<token>\n"
---                     when produce raised
+--   channel t:done:<db>   "r<token>\n<bytes>" when it ends, "h<token>\n"
+--                     at each renewal, "a<token>\n" when produce raised
 --
 -- A caller runs ACQUIRE: the lock is free, it leads; otherwise it
 -- subscribes to the channel, then runs STEP (the result, or how long the
 -- lease has left, or the lease run out: take over), then blocks reading the
--- subscription until its execution's message or the lease's end (then STEP
--- again: a live leader has renewed). The leader ends with RELEASE: the
--- result stored, published, its lease and (if still current) the lock
--- deleted, in one script, so a waiter's STEP never sees a free lock before
--- the result exists. forget deletes the lock only: the running execution
+-- subscription until its execution's outcome; each renewal's message moves
+-- the waiter's deadline on, so only a leader gone silent for a whole lease
+-- makes it STEP again (and take over if the lease has run out). The leader
+-- ends with RELEASE: the result stored, published, its lease and (if still
+-- current) the lock deleted, in one script, so a waiter's STEP never sees a
+-- free lock before the result exists. forget deletes the lock only: the running execution
 -- keeps its lease and still reaches its waiters, later callers start anew,
 -- and its RELEASE leaves the lock of its successor alone.
 
@@ -158,10 +159,12 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
 return {1}
 ]],
-  -- KEYS lock, lease(me); ARGV me, lease_ms -> 1: renewed | 0: lease lost
+  -- KEYS lock, lease(me); ARGV me, lease_ms, channel
+  -- -> 1: renewed, and the waiters told | 0: lease lost
   renew = [[
 if redis.call('PEXPIRE', KEYS[2], ARGV[2]) == 0 then return 0 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+redis.call('PUBLISH', ARGV[3], 'h' .. ARGV[1] .. '\n')
 return 1
 ]],
   -- KEYS lock, lease(me), result(me); ARGV me, bytes, result_ms, channel
@@ -400,7 +403,7 @@ local function renew_loop(self, n, me, state)
     if posted or state.stop then
       return
     end
-    local res, err = call(self, "renew", 2, n.lock, lease_key, me, self.lease_ms)
+    local res, err = call(self, "renew", 2, n.lock, lease_key, me, self.lease_ms, n.channel)
     if not res then
       note(self, err)
     elseif res == 0 and not state.lost then
@@ -460,9 +463,10 @@ local function leave(self, sub, channel)
   sub:close()
 end
 
--- Reads the subscription until `token`'s message or `deadline`:
--- "r", bytes | "a" (its leader gave up) | "check" | nil, why.
-local function listen(sub, channel, token, deadline)
+-- Reads the subscription until `token`'s outcome or `deadline`, which each
+-- renewal of its lease moves on: "r", bytes | "a" (its leader gave up) |
+-- "check" (time to look at the lease) | nil, why.
+local function listen(self, sub, channel, token, deadline)
   for _ = 1, MAX_FOREIGN do
     local ms = ceil((deadline - clock()) * 1000)
     if ms <= 0 then
@@ -483,8 +487,11 @@ local function listen(sub, channel, token, deadline)
         local kind = ssub(m, 1, 1)
         if kind == "r" then
           return "r", ssub(m, nl + 1)
+        elseif kind == "a" then
+          return "a"
         end
-        return "a"
+        -- "h": the lease was renewed just now
+        deadline = clock() + (self.lease_ms + MARGIN_MS) / 1000
       end
     end
   end
@@ -526,7 +533,7 @@ local function wait(self, n, me, token, produce)
     if type(ttl) ~= "number" or ttl < 0 then
       ttl = self.lease_ms
     end
-    local kind, bytes = listen(sub, n.channel, token, clock() + (ttl + MARGIN_MS) / 1000)
+    local kind, bytes = listen(self, sub, n.channel, token, clock() + (ttl + MARGIN_MS) / 1000)
     if kind == "r" then
       leave(self, sub, n.channel)
       c.waited = c.waited + 1
