@@ -533,9 +533,7 @@ static void finish_call(lua_State *L, lsf_guard *gd, sf_call *c, int ok,
   unsigned nforeign;
   if (!gd || !lsf_guard_pop(gd, c))
     luaL_error(L, "singleflight: finish of a call this coroutine does not lead");
-  nforeign = sf_finish(c, !ok, shared, nlocal);
-  /* same-state waiters hold references: c is theirs to ask about */
-  *expired = *nlocal > 0 && sf_expired(c);
+  nforeign = sf_finish_ex(c, !ok, shared, nlocal, expired);
   if (nforeign > 0) {
     publish_job j;
     j.c = c;
@@ -813,15 +811,14 @@ static int lsf_age(lua_State *L) {
 }
 
 /*
- * adopt(ref) -> call, guard, tbc
+ * adopt(ref) -> call
  * The light thread started for a detached leader takes the leader's
- * reference into its own guard (it is the owner from now on); the ref
- * keeps a reference of its own and watches the call, as a same-state
- * waiter.
+ * reference from the ref into its own guard: it is the owner from now on.
  */
 static int lsf_adopt(lua_State *L) {
   lsf_ref *r = lsf_check_ref(L, 1);
   lsf_guard *gd;
+  sf_call *c = r->c;
   int spare;
   luaL_argcheck(L, r->kind == REF_LEADER, 1, "a started call expected");
   lua_settop(L, 1);
@@ -829,11 +826,28 @@ static int lsf_adopt(lua_State *L) {
   gd = lsf_guard_for_acquire(L, lsf_ctx_of(L), &spare);
   if (spare && lsf_guard_install(L, gd) != 0)
     return lsf_raise_nomem(L); /* the ref still leads */
+  lsf_guard_push(gd, c);
+  r->c = NULL;
+  r->kind = REF_EMPTY;
+  r->n = 0;
+  sf_set_owner(c, gd->id);
+  lua_pushlightuserdata(L, c);
+  return 1;
+}
+
+/*
+ * watch(ref) -> ref
+ * A new ref on the call `ref` holds, counted among the leader's state's
+ * waiters: a future's own hold on the call it started.
+ */
+static int lsf_watch(lua_State *L) {
+  lsf_ref *r = lsf_check_ref(L, 1), *w;
+  luaL_argcheck(L, r->c != NULL, 1, "a held call expected");
+  lsf_ensure_spares(L, lsf_ctx_of(L));
+  w = lsf_ref_take_spare(L);
   sf_retain(r->c, 1);
-  lsf_guard_push(gd, r->c);
-  r->kind = REF_WATCH;
-  sf_set_owner(r->c, gd->id);
-  lua_pushlightuserdata(L, r->c);
+  w->c = r->c;
+  w->kind = REF_WATCH;
   return 1;
 }
 
@@ -892,6 +906,7 @@ static const luaL_Reg functions[] = {
   {"expire", lsf_expire},
   {"age", lsf_age},
   {"adopt", lsf_adopt},
+  {"watch", lsf_watch},
   {"guard", lsf_running_guard},
   {"set_tiered", lsf_set_tiered},
 #if LSF_HAVE_PCALLK

@@ -330,6 +330,7 @@ lsf_ref *lsf_ref_join(lua_State *L, sf_call *c) {
 /* Gives up one of the references r holds, as `how` says. */
 void lsf_ref_drop(lua_State *L, lsf_ref *r, int how) {
   sf_call *c = r->c;
+  int r_local = r->kind == REF_LOCAL || r->kind == REF_WATCH;
   if (!c)
     return;
   if (r->n > 1) {
@@ -343,6 +344,8 @@ void lsf_ref_drop(lua_State *L, lsf_ref *r, int how) {
     sf_unjoin(c, (uintptr_t)lsf_ctx_of(L));
   else if (how == DROP_LEAVE)
     sf_leave(c);
+  else if (r_local)
+    sf_release_local(c); /* no longer among the leader's state's waiters */
   else
     sf_release(c);
 }

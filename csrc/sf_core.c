@@ -568,25 +568,34 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   return SF_LEADER;
 }
 
+/* How a holder lets go (call_release). */
+enum {
+  REL_PLAIN,   /* it had its outcome */
+  REL_LOCAL,   /* a holder counted in nlocal: no longer waiting */
+  REL_UNJOIN,  /* a joiner that never waited: as if it had not joined */
+  REL_TIMEOUT  /* a JOINED caller gave up waiting */
+};
+
 /* Drops a reference under the shard lock, taken here, then disposes of
- * what must go outside it. */
-static void call_release(sf_call *c, int unjoin, int timedout,
-                         uintptr_t domain) {
+ * what must go outside it. domain: the holder's (for REL_UNJOIN). */
+static void call_release(sf_call *c, int how, uintptr_t domain) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
   sf_call *dead;
-  int last, unref;
+  int last, unref, local;
 
   shard_lock(g, sh);
-  if (unjoin) {
+  local = how == REL_LOCAL || how == REL_TIMEOUT ||
+          (how == REL_UNJOIN && domain == c->domain);
+  if (how == REL_UNJOIN) {
     c->dups--;
     sh->stats[SF_STAT_SHARED]--;
-    if (domain != c->domain && c->foreign > 0)
+    if (!local && c->foreign > 0)
       c->foreign--;
   }
-  if ((unjoin || timedout) && domain == c->domain && c->nlocal > 0)
+  if (local && c->nlocal > 0)
     c->nlocal--;
-  if (timedout)
+  if (how == REL_TIMEOUT)
     stat_add(sh, SF_STAT_TIMEOUTS);
   last = call_unref_locked(g, sh, c, &dead, &unref);
   shard_unlock(g, sh);
@@ -595,15 +604,19 @@ static void call_release(sf_call *c, int unjoin, int timedout,
 }
 
 void sf_unjoin(sf_call *c, uintptr_t domain) {
-  call_release(c, 1, 0, domain);
+  call_release(c, REL_UNJOIN, domain);
 }
 
 void sf_leave(sf_call *c) {
-  call_release(c, 0, 1, c->domain); /* domain: set once, at acquire */
+  call_release(c, REL_TIMEOUT, 0);
 }
 
 void sf_release(sf_call *c) {
-  call_release(c, 0, 0, 0);
+  call_release(c, REL_PLAIN, 0);
+}
+
+void sf_release_local(sf_call *c) {
+  call_release(c, REL_LOCAL, 0);
 }
 
 void sf_retain(sf_call *c, int watch) {
@@ -624,16 +637,6 @@ int sf_state(sf_call *c) {
   st = c->expired ? SF_ABANDONED : c->state;
   shard_unlock(g, sh);
   return st;
-}
-
-int sf_expired(sf_call *c) {
-  sf_group *g = c->group;
-  sf_shard *sh = call_shard(c);
-  int e;
-  shard_lock(g, sh);
-  e = c->expired;
-  shard_unlock(g, sh);
-  return e;
 }
 
 double sf_age(sf_call *c) {
@@ -666,6 +669,12 @@ int sf_expire(sf_call *c) {
 }
 
 unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
+  int expired;
+  return sf_finish_ex(c, panicked, shared, nlocal, &expired);
+}
+
+unsigned sf_finish_ex(sf_call *c, int panicked, int *shared, unsigned *nlocal,
+                      int *expired) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
   sf_call *dead = NULL;
@@ -678,6 +687,7 @@ unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
   if (panicked)
     stat_add(sh, SF_STAT_PANICS);
   *shared = c->dups > 0;
+  *expired = c->expired;
   /* an expired call's foreign waiters were sent to its successor */
   *nlocal = c->nlocal;
   foreign = c->expired ? 0 : c->foreign;

@@ -122,8 +122,6 @@ void sf_leave(sf_call *c);
 void sf_retain(sf_call *c, int watch);
 /* The call's outcome so far: SF_RUNNING, SF_DONE or SF_ABANDONED. */
 int sf_state(sf_call *c);
-/* Whether the call expired (sf_expire) while its leader ran. */
-int sf_expired(sf_call *c);
 /* Seconds since the call's leader acquired it (a coarse clock). */
 double sf_age(sf_call *c);
 /* The leader's flow of control changes (a call started on behalf of a
@@ -143,12 +141,16 @@ int sf_expire(sf_call *c);
  * that later callers start afresh. *shared is set to whether any caller
  * joined (Go's `shared`; one that gave up waiting counts too), *nlocal to
  * the number of JOINED callers still waiting (of an expired call too: they
- * must be told to take over, see sf_expired).
+ * must be told to take over, see sf_finish_ex).
  * Returns the number of foreign waiters: when it is 0 the call is complete
  * and the leader's reference is gone; otherwise the leader must call
  * sf_publish.
  */
 unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal);
+/* The same, also saying whether the call had expired (read with the rest,
+ * before the leader's reference goes). */
+unsigned sf_finish_ex(sf_call *c, int panicked, int *shared, unsigned *nlocal,
+                      int *expired);
 
 /* Hands the foreign waiters their payload (may be NULL), wakes them and
  * drops the leader's reference. `freefn` frees the payload at the end. */
@@ -167,6 +169,9 @@ void sf_abandon(sf_call *c);
 int sf_wait(sf_call *c, double timeout, unsigned flags, void **payload);
 /* Gives up a FOREIGN joiner's reference. */
 void sf_release(sf_call *c);
+/* Gives up the reference of a holder from the leader's domain counted in
+ * nlocal (a JOINED caller, a watcher): it no longer waits. */
+void sf_release_local(sf_call *c);
 
 /* Detaches the call for `key`, if any: later callers start a new one.
  * Returns 1 if a call was in flight. */

@@ -29,7 +29,7 @@ local flight, gone, drop_waiter, wait_flight, deliver, lead, call =
 local opts_of, TIMEOUT = flow.opts_of, flow.TIMEOUT
 
 local LEADER, JOINED, FOREIGN, RECURSIVE, PANICKED, DELIVER, DONE_GONE,
-      PANICKED_GONE = 0, 1, 2, 5, 6, 7, 9, 10
+      PANICKED_GONE, TIERED = 0, 1, 2, 5, 6, 7, 9, 10, 8
 
 local Future = { __name = "singleflight.Future" }
 Future.__index = Future
@@ -44,8 +44,8 @@ end
 -- The light thread of a future that leads: it adopts the call and runs fn;
 -- the result reaches the future through the call's flight (the future
 -- watches it: the run always has someone to deliver to).
-local function lead_adopted(f)
-  local st, a, b, c, d = lead(f.group, adopt(f.ref), f.key, f.fn,
+local function lead_adopted(f, lead_ref)
+  local st, a, b, c, d = lead(f.group, adopt(lead_ref), f.key, f.fn,
                               unpack(f.args, 1, f.n))
   if st == DELIVER then
     deliver(d, true, a, b, nil, c)
@@ -58,8 +58,11 @@ local function lead_adopted(f)
   end
 end
 
-local function body(f)
-  runner.protect(lead_adopted, f)
+-- The leader's reference travels with the light thread alone: if the
+-- thread goes away before it runs, the reference's finalizer abandons the
+-- call, and the future (which holds a reference of its own) takes over.
+local function body(f, lead_ref)
+  runner.protect(lead_adopted, f, lead_ref)
 end
 
 local function fulfil(f, ok, v, err, shared)
@@ -169,7 +172,10 @@ local M = {}
 
 --- g:start(key, fn, ...) -> a future.
 function M.start(self, key, fn, ...)
-  local _, _, _, skey = acquire(self, key, fn, "start", core.CHECK)
+  local st0, _, _, skey = acquire(self, key, fn, "start", core.CHECK)
+  if st0 == TIERED then -- a group over nginx workers: its tier starts it
+    return M.tiered_start(self, key, fn, ...)
+  end
   local be = resolve((opts_of[self] or {}).backend or "auto")
   if not be.spawn then
     error(sfmt("singleflight: start needs a backend that can spawn light threads "
@@ -181,6 +187,10 @@ function M.start(self, key, fn, ...)
     flow.check_recursion(c, ref, skey)
     st, c, ref, skey = acquire(self, skey, fn, "start", core.DETACHED)
   end
+  local lead_ref
+  if st == LEADER then
+    lead_ref, ref = ref, core.watch(ref)
+  end
   local f = setmetatable({ group = self, key = skey, fn = fn, backend = be,
                            st = st, c = c, ref = ref, done = false,
                            n = select("#", ...), args = { ... } }, Future)
@@ -190,16 +200,22 @@ function M.start(self, key, fn, ...)
     f.fl = fl
   end
   if st == LEADER then
-    local ok, e = runner.protect(be.spawn, body, f)
+    local ok, e = runner.protect(be.spawn, body, f, lead_ref)
     if not ok then
       local fl = f.fl
-      detach(f) -- abandons the call: a waiter already here takes over
+      release(lead_ref) -- abandons the call: a waiter already here takes over
+      detach(f)
       gone(c, fl)
       error(sfmt("singleflight: start cannot spawn a light thread here: %s",
                  tostring(is_panic(e) and e.value or e)), 2)
     end
   end
   return f
+end
+
+--- start on a tiered group (set by singleflight.shm).
+function M.tiered_start()
+  error("singleflight: this group's tier is not loaded", 2)
 end
 
 M.Future = Future
