@@ -179,6 +179,46 @@ describe("Redis fleet faults", function()
     assert.equal(1, (fleet.executions("outage-after")))
   end)
 
+  it("Redis frozen: calls answer after `timeout`, run where they are; thawed, dedup resumes",
+     function()
+    -- a lease far beyond the hang guard: the locks that the timed-out calls
+    -- left behind (Redis runs their scripts when it thaws) must be given up
+    -- by their instances, not waited out
+    local q = { rport = redis.port, key = "frozen", sleep = 0.05, prefix = "z:", timeout = 0.1,
+                lease = 60 }
+    -- the settings in every worker, their connections pooled
+    ns.collect(open_all(fleet.instances, 4, q), GUARD)
+    local before = {}
+    for i, inst in ipairs(fleet.instances) do
+      before[i] = count(inst.log(), FAILED .. " %([^)]*timeout%)")
+    end
+    redis.freeze()
+    local frozen_at = socket.gettime()
+    local ok, answers = pcall(ns.collect, open_all(fleet.instances, 4, q), GUARD)
+    local took = socket.gettime() - frozen_at
+    redis.freeze(false)
+    assert(ok, answers)
+    assert.same({ fallback = 12 }, tally(answers, "how"))
+    assert.same({ ["1,2,3"] = 12 }, tally(answers, "list"))
+    -- a generous guard: the timeout is 0.1 s, then each falls back at once
+    assert.is_true(took < 5, "the frozen round took " .. took .. " s")
+    local logged = 0
+    for i, inst in ipairs(fleet.instances) do
+      logged = logged + count(inst.log(), FAILED .. " %([^)]*timeout%)") - before[i]
+    end
+    assert.is_true(logged >= 1, "no timeout logged")
+    -- thawed, it ran those scripts: a lock of a call that fell back
+    eventually(function() return redis.command("EXISTS", "{z:frozen}:lock") == 1 end,
+               "the stale lock")
+    -- a failure pauses a worker's use of Redis for a second
+    socket.sleep(1.2)
+    local runs = fleet.executions("frozen")
+    q.sleep = 0.2
+    answers = ns.collect(open_all(fleet.instances, 4, q), GUARD)
+    assert.same({ led = 1, waited = 11 }, tally(answers, "how"))
+    assert.equal(runs + 1, (fleet.executions("frozen")))
+  end)
+
   it("a leader's machine killed mid-call: another instance takes over after the lease", function()
     local i1, i2, i3 = fleet.instances[1], fleet.instances[2], fleet.instances[3]
     local q = { rport = redis.port, key = "killed", sleep = 30, lease = 0.5, prefix = "x:",

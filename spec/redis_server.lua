@@ -5,10 +5,11 @@
 -- persistence, from a directory of its own; opts.password sets requirepass,
 -- opts.unixsocket adds a unix socket (server.path).
 -- It returns { port, command(...), command_in(db, ...), stop([how]), start(),
--- close() }: command sends one command over a plain socket and returns the
+-- freeze([false]), close() }: command sends one command over a plain socket and returns the
 -- reply (errors as { err = msg }); stop ends the server (SHUTDOWN NOSAVE, or
--- SIGKILL with how "kill"); start starts it again on the same port; close
--- stops it and removes its directory.
+-- SIGKILL with how "kill"); start starts it again on the same port; freeze
+-- stops it answering (SIGSTOP), freeze(false) thaws it; close stops it and
+-- removes its directory.
 --
 -- fleet(n, opts) runs n nginx instances (master + opts.workers workers, 2 by
 -- default, `listen ... reuseport` spreading the connections over them), each
@@ -243,7 +244,17 @@ function M.redis(opts)
     os.remove(dir .. "/redis.pid")
   end
 
+  --- Freezes the server (SIGSTOP: it accepts connections and answers
+  -- nothing), or thaws it.
+  function server.freeze(on)
+    local pid = assert(server.pid(), "redis-server is not running")
+    assert(sh("kill -" .. (on == false and "CONT" or "STOP") .. " " .. pid))
+  end
+
   function server.close()
+    if server.pid() then
+      server.freeze(false)
+    end
     server.stop()
     sh("rm -rf " .. quote(dir))
   end

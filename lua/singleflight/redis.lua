@@ -223,10 +223,11 @@ local function clock()
   return ngx.now()
 end
 
--- The phases where cosockets work.
+-- The phases where a call may wait on a socket (ssl_client_hello and
+-- ssl_session_fetch let code yield only on OpenResty's patched nginx).
 local COSOCKET_PHASES = {
-  rewrite = true, access = true, content = true, timer = true,
-  ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
+  rewrite = true, server_rewrite = true, access = true, content = true, timer = true,
+  ssl_cert = true,
 }
 
 -- Tokens: a random part read once per worker process, and a counter.
@@ -331,45 +332,19 @@ local function run(self, red, name, nkeys, ...)
   return res
 end
 
--- Runs a script on a connection of its own from the pool.
+-- Runs a script on a connection of its own from the pool: the reply, or
+-- nil, why, and true if the script may have run all the same (it was sent).
 local function call(self, name, nkeys, ...)
   local red, err = connect(self)
   if not red then
-    return nil, err
+    return nil, err, false
   end
   local res
   res, err = run(self, red, name, nkeys, ...)
   if res then
     keep(self, red)
   end
-  return res, err
-end
-
----------------------------------------------------------------------------
--- Failures: counted, logged at most once a LOG_EVERY, and a short pause
-
-local function note(self, err)
-  local c = self.counts
-  c.errors = c.errors + 1
-  local now = clock()
-  self.down_until = now + M.RETRY
-  self.unlogged = self.unlogged + 1
-  if now >= self.next_log then
-    ngx.log(ngx.ERR, "singleflight: redis at ", self.where, " failed (", err, "): calls run ",
-            "in this instance, unshared with the fleet, until it answers (", self.unlogged,
-            " failure(s) since the last report)")
-    self.next_log, self.unlogged = now + M.LOG_EVERY, 0
-  end
-end
-
-local function fallback(self, produce)
-  self.counts.fallbacks = self.counts.fallbacks + 1
-  return produce(), "fallback"
-end
-
-local function fail(self, err, produce)
-  note(self, err)
-  return fallback(self, produce)
+  return res, err, true
 end
 
 ---------------------------------------------------------------------------
@@ -391,6 +366,71 @@ end
 
 local function result_of(n, token)
   return n.tag .. ":result:" .. token
+end
+
+---------------------------------------------------------------------------
+-- Failures: counted, logged at most once a LOG_EVERY, and a short pause
+
+local function note(self, err)
+  local c = self.counts
+  c.errors = c.errors + 1
+  local now = clock()
+  self.down_until = now + M.RETRY
+  self.unlogged = self.unlogged + 1
+  if now >= self.next_log then
+    ngx.log(ngx.ERR, "singleflight: redis at ", self.where, " failed (", err, "): calls run ",
+            "in this instance, unshared with the fleet, until it answers (", self.unlogged,
+            " failure(s) since the last report)")
+    self.next_log, self.unlogged = now + M.LOG_EVERY, 0
+  end
+end
+
+-- A script that may take the lock for token `me` failed after it was sent
+-- (a timeout, the connection lost): Redis may run it later all the same (a
+-- frozen server thawing), leaving a lock nobody renews or releases, and the
+-- next callers of the key waiting for its lease to run out. Such tokens are
+-- abandoned once Redis answers again.
+local MAX_ORPHANS = 100
+
+local function orphan(self, n, me)
+  local o = self.orphans
+  if #o < MAX_ORPHANS then
+    o[#o + 1] = { n.lock, lease_of(n, me), me, n.channel }
+  end
+end
+
+local function abandon_orphans(premature, self)
+  if premature then
+    self.cleaning = false
+    return
+  end
+  local o = self.orphans
+  while #o > 0 do
+    local t = o[#o]
+    local res, err = call(self, "abandon", 2, t[1], t[2], t[3], t[4])
+    if not res then
+      note(self, err)
+      break
+    end
+    o[#o] = nil
+  end
+  self.cleaning = false
+end
+
+local function answered(self)
+  if #self.orphans > 0 and not self.cleaning then
+    self.cleaning = ngx.timer.at(0, abandon_orphans, self) and true or false
+  end
+end
+
+local function fallback(self, produce)
+  self.counts.fallbacks = self.counts.fallbacks + 1
+  return produce(), "fallback"
+end
+
+local function fail(self, err, produce)
+  note(self, err)
+  return fallback(self, produce)
 end
 
 ---------------------------------------------------------------------------
@@ -513,11 +553,14 @@ local function wait(self, n, me, token, produce)
   end
   -- subscribed before this first step: no message can be missed
   while true do
-    local res
-    res, err = call(self, "step", 4, n.lock, lease_of(n, token), result_of(n, token),
-                    lease_of(n, me), token, me, self.lease_ms)
+    local res, sent
+    res, err, sent = call(self, "step", 4, n.lock, lease_of(n, token), result_of(n, token),
+                          lease_of(n, me), token, me, self.lease_ms)
     if not res then
       sub:close()
+      if sent then
+        orphan(self, n, me)
+      end
       return fail(self, err, produce)
     elseif res[1] == 2 then
       leave(self, sub, n.channel)
@@ -562,7 +605,7 @@ function M.new(settings, fname, level)
     result_ms = ceil(math.max(s.lease, 2 * s.timeout, 2) * 1000),
     idle_ms = 60000,
     where = s.path and ("unix:" .. s.path) or (s.host .. ":" .. s.port),
-    down_until = 0, next_log = 0, unlogged = 0,
+    down_until = 0, next_log = 0, unlogged = 0, orphans = {}, cleaning = false,
     counts = {
       led = 0, waited = 0, fallbacks = 0, takeovers = 0, abandoned = 0, lost = 0,
       errors = 0, commands = 0,
@@ -589,10 +632,14 @@ function fleet:outcome(key, produce)
     return fallback(self, produce)
   end
   local n, me = names_of(self, key), new_token()
-  local res, err = call(self, "acquire", 2, n.lock, lease_of(n, me), me, self.lease_ms)
+  local res, err, sent = call(self, "acquire", 2, n.lock, lease_of(n, me), me, self.lease_ms)
   if not res then
+    if sent then
+      orphan(self, n, me)
+    end
     return fail(self, err, produce)
   end
+  answered(self)
   if res[1] == 1 then
     return lead(self, n, me, produce)
   end
