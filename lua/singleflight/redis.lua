@@ -138,8 +138,10 @@ end
 local SCRIPTS = {
   -- KEYS lock, lease(me); ARGV me, lease_ms
   -- -> {1}: lead | {0, token, ttl_ms}: wait on token
+  -- (run twice, it answers the same: a retry is harmless)
   acquire = [[
 local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then return {1} end
 if cur then return {0, cur, redis.call('PTTL', KEYS[1])} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
@@ -154,6 +156,7 @@ if r then return {2, r} end
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl ~= -2 then return {0, ARGV[1], ttl} end
 local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[2] then return {1} end
 if cur and cur ~= ARGV[1] then return {0, cur, redis.call('PTTL', KEYS[1])} end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
@@ -268,7 +271,8 @@ end
 local fleet = {}
 fleet.__index = fleet
 
--- A connection from the pool (authenticated and on the db), or nil, why.
+-- A connection from the pool (authenticated and on the db) and whether it
+-- was used before, or nil, why.
 local function connect(self)
   local red, err = client:new()
   if not red then
@@ -284,7 +288,8 @@ local function connect(self)
   if not ok then
     return nil, "connect: " .. tostring(err)
   end
-  if (red:get_reused_times() or 0) == 0 then
+  local reused = (red:get_reused_times() or 0) > 0
+  if not reused then
     if self.password then
       self.counts.commands = self.counts.commands + 1
       ok, err = red:auth(self.password)
@@ -302,7 +307,7 @@ local function connect(self)
       end
     end
   end
-  return red
+  return red, nil, reused
 end
 
 local function keep(self, red)
@@ -311,7 +316,8 @@ local function keep(self, red)
   end
 end
 
--- Runs a script; the reply or nil, why (the connection then closed).
+-- Runs a script; the reply or nil, why (the connection then closed) and
+-- whether the connection failed (rather than Redis answering an error).
 local function run(self, red, name, nkeys, ...)
   self.counts.commands = self.counts.commands + 1
   local res, err
@@ -327,24 +333,31 @@ local function run(self, red, name, nkeys, ...)
   end
   if not res then
     red:close()
-    return nil, name .. ": " .. tostring(err)
+    return nil, name .. ": " .. tostring(err), res == nil
   end
   return res
 end
 
 -- Runs a script on a connection of its own from the pool: the reply, or
 -- nil, why, and true if the script may have run all the same (it was sent).
+-- A pooled connection that the server closed meanwhile (Redis restarted)
+-- gets one retry on a new one: the scripts may run twice.
 local function call(self, name, nkeys, ...)
-  local red, err = connect(self)
-  if not red then
-    return nil, err, false
+  for attempt = 1, 2 do
+    local red, err, reused = connect(self)
+    if not red then
+      return nil, err, attempt > 1
+    end
+    local res, broken
+    res, err, broken = run(self, red, name, nkeys, ...)
+    if res then
+      keep(self, red)
+      return res
+    end
+    if attempt == 2 or not (reused and broken) or find(err, "timeout", 1, true) then
+      return nil, err, true
+    end
   end
-  local res
-  res, err = run(self, red, name, nkeys, ...)
-  if res then
-    keep(self, red)
-  end
-  return res, err, true
 end
 
 ---------------------------------------------------------------------------
