@@ -31,6 +31,7 @@ build = {
     ["singleflight.panic"] = "lua/singleflight/panic.lua",
     ["singleflight.runner"] = "lua/singleflight/runner.lua",
     ["singleflight.redis"] = "lua/singleflight/redis.lua",
+    ["singleflight.shm"] = "lua/singleflight/shm.lua",
     ["singleflight.backend.ngx"] = "lua/singleflight/backend/ngx.lua",
     ["singleflight.backend.cqueues"] = "lua/singleflight/backend/cqueues.lua",
     ["singleflight.backend.copas"] = "lua/singleflight/backend/copas.lua",

@@ -224,6 +224,17 @@ M.lead = lead
 local check_recursion, join
 local sweeping = false -- see M.watch
 
+-- The panic of a run that raised a, traceback b, for key d. A panic that
+-- a tier above this state raised (singleflight.shm: a leader's panic come
+-- from another worker) is already the call's: raised as it is.
+local function panic_for(a, b, d)
+  if panic.is_panic(a) and rawget(a, "crossed") == true then
+    a.crossed, a.key = nil, d
+    return a
+  end
+  return new_panic(a, b, d)
+end
+
 -- What a run that did not end in DONE left to do: st and a, b, c, d are
 -- its status and values (see runner.lua); retake is how a waiter of this
 -- call takes over.
@@ -232,7 +243,7 @@ local function after(self, key, fn, retake, st, a, b, c, d, ...)
     deliver(d, true, a, b, nil, c)
     return a, b, c
   elseif st == PANICKED then -- value, traceback, call|nil, key
-    local p = new_panic(a, b, d)
+    local p = panic_for(a, b, d)
     if c then
       deliver(c, false, nil, nil, p)
     end
@@ -242,7 +253,7 @@ local function after(self, key, fn, retake, st, a, b, c, d, ...)
     return a, b, c
   elseif st == PANICKED_GONE then
     gone(c)
-    error(new_panic(a, b, d), 0)
+    error(panic_for(a, b, d), 0)
   elseif st == TIERED then
     return M.tiered(self, key, fn, ...)
   end

@@ -40,11 +40,21 @@ methods.call = flow.call
 methods["do"] = flow.call
 methods.start = future.start
 
+-- With the shm option, g's calls go through the nginx workers' tier
+-- (singleflight.shm, loaded on first use).
+local function tier(g, o, name)
+  if o.shm then
+    core.set_tiered(g)
+    require("singleflight.shm").attach(g, o, name)
+  end
+end
+
 --- A group private to this Lua state.
 function M.new(opts)
   local o = options.check("new", 1, opts)
   local g = core.new()
   opts_of[g] = o
+  tier(g, o)
   flow.watch()
   return g
 end
@@ -57,6 +67,7 @@ function M.group(name, opts)
   local o = options.check("group", 2, opts)
   local g = core.open(name)
   opts_of[g] = o
+  tier(g, o, name)
   flow.watch()
   return g
 end

@@ -1,0 +1,925 @@
+--- singleflight.shm: one execution per key across the workers of an nginx
+-- instance, over a lua_shared_dict (`singleflight.new { shm = "name" }`).
+--
+-- Each worker deduplicates its own callers first (flow.call_local): the
+-- first caller of a key in a worker runs step() below for all of them, and
+-- the worker's other callers wait on it locally. step() either leads for
+-- the whole instance or watches the leader in another worker:
+--
+--   l<gen>:<base>  the lock: the leader's token, set only if absent, with a
+--                  lease for an expiry. A timer of the leader's worker
+--                  renews it while fn runs (never past max_age), so a live
+--                  leader keeps it and a dead worker's runs out within the
+--                  lease; a leader whose request went away is dropped by
+--                  the same timer (its lock deleted).
+--   w<token>       the watchers of an execution: one count per worker that
+--                  waits on it. The leader closes it (adds CLOSED) when fn
+--                  returns: watchers that counted themselves in before are
+--                  sure to find the result.
+--   r<token>       the result, encoded once by the core's value copier; the
+--                  last watcher to read it deletes it (or it expires).
+--   g<base>        the generation, only after a forget: later callers use
+--                  the next lock, and those waiting on the forgotten
+--                  execution still get its result.
+--
+-- Watchers poll the lock (1 ms, backing off to 4 ms): when it no longer
+-- holds the token they watch, the result is there, or the leader went away
+-- and the first watcher to add the lock again leads. Every entry has an
+-- expiry: the dict holds in-flight state only, never a cache. When the
+-- dict is full, calls fall back to this worker alone, counted and logged.
+
+local core = require "singleflight.core"
+local panic = require "singleflight.panic"
+local runner = require "singleflight.runner"
+local backends = require "singleflight.backends"
+local flow = require "singleflight.flow"
+local future = require "singleflight.future"
+
+local ngx = rawget(_G, "ngx")
+if type(ngx) ~= "table" or type(ngx.shared) ~= "table" then
+  error("singleflight: the shm option needs OpenResty (ngx_lua)", 2)
+end
+
+local collectgarbage, error, getmetatable, next, pairs, pcall, rawget, select, setmetatable,
+      tostring, type = collectgarbage, error, getmetatable, next, pairs, pcall, rawget, select,
+      setmetatable, tostring, type
+local unpack = table.unpack or unpack -- luacheck: ignore 143
+local sfmt, sub, match = string.format, string.sub, string.match
+local co_running = coroutine.running
+-- the status Lua itself keeps (OpenResty's coroutine.status reads the
+-- bookkeeping of the coroutine's request, freed when the request ends)
+local co_status = rawget(coroutine, "_status") or coroutine.status
+local getinfo, getlocal = debug.getinfo, debug.getlocal
+
+local acquire, encode, decode, now, quote, core_count, c_forget, c_stats =
+      core.acquire, core.encode, core.decode, core.now, core.quote, core.count,
+      core.methods.forget, core.methods.stats
+local CHECK_LOCAL = core.CHECK + core.LOCAL
+local protect = runner.protect
+local rerun_local = runner.rerun_local
+local call_local, after = flow.call_local, flow.after
+local new_panic, is_panic, safe_tostring = panic.new, panic.is_panic, panic.safe_tostring
+local resolve, cannot_wait = backends.resolve, backends.cannot_wait
+local cannot_wait_msg, opts_of = flow.cannot_wait_msg, flow.opts_of
+local TIMEOUT = flow.TIMEOUT
+local ngx_sleep, ngx_log, WARN = ngx.sleep, ngx.log, ngx.WARN
+
+local DONE = 0
+
+-- Seconds. A lock lives LEASE past its last renewal; renewals come every
+-- RENEW, so a worker whose event loop stalls for LEASE - RENEW loses its
+-- leads. A watcher notices a dead leader within LEASE + POLL_MAX.
+local LEASE, RENEW = 0.9, 0.15
+local POLL = 0.001           -- the poller's beat
+local CHECK = 0.25           -- a watcher looks for itself at least this often
+local STALE = 4 * CHECK      -- a watcher not back by then went away
+local WATCH_TTL = 3 * LEASE  -- a watchers' count, renewed by the leader
+local GEN_TTL = 2 * LEASE    -- a generation, renewed by its leaders
+local RESULT_TTL = 5         -- a result nobody came back for
+local LOG_EVERY = 60
+local CLOSED = 2 ^ 30
+local SEQ = "s"              -- the dict's change count
+local MAX_RAW = 240          -- longer bases are hashed
+local REFRESH_AT = 0.8       -- of max_age: see watch
+
+-- step()'s answers that are not results (never a user's value)
+local RETRY = setmetatable({}, { __name = "singleflight.shm.retry" })
+local FAILED = setmetatable({}, { __name = "singleflight.shm.failed" })
+
+-- result flags in the dict
+local F_PAYLOAD, F_UNCROSSABLE, F_NO_ROOM = 0, 1, 2
+
+local M = {}
+
+-- handle -> its tier: { dict, name, ns, opts, counts, current }
+local tiers = setmetatable({}, { __mode = "k" })
+
+---------------------------------------------------------------------------
+-- Tokens: this worker's, unique in the instance
+
+local wid, seq = nil, 0 -- "pid.born." of this worker, made in it
+local wid_pid
+
+local function new_token()
+  local pid = ngx.worker.pid()
+  if pid ~= wid_pid then -- first use in this worker (or a fork of it)
+    wid_pid = pid
+    wid = sfmt("%d.%x.", pid, (ngx.now() * 1000) % 0x100000000)
+    seq = 0
+  end
+  seq = seq + 1
+  return wid .. seq
+end
+
+local function token_of(val)
+  return match(val, "^[^#]+")
+end
+
+local function own(val)
+  return wid ~= nil and wid_pid == ngx.worker.pid() and sub(val, 1, #wid) == wid
+end
+
+-- Tells the pollers of every worker that a lock of dict changed.
+local function bump(dict)
+  if not dict:incr(SEQ, 1) then
+    dict:safe_add(SEQ, 0)
+    dict:incr(SEQ, 1)
+  end
+end
+
+---------------------------------------------------------------------------
+-- A full dict: this worker alone, logged at most once a minute per dict
+
+local last_log = {}
+
+local function degraded(t, why)
+  t.counts.fallbacks = t.counts.fallbacks + 1
+  local at = now()
+  local last = last_log[t.name]
+  if not last or at - last >= LOG_EVERY then
+    last_log[t.name] = at
+    ngx_log(WARN, "singleflight: lua_shared_dict \"", t.name, "\": ", tostring(why),
+            "; calls fall back to deduplication in each worker (",
+            t.counts.fallbacks, " so far in this worker; logged at most once a minute)")
+  end
+end
+
+---------------------------------------------------------------------------
+-- Leads of this worker and their renewal
+
+-- token -> { dict, lkey, val, wkey, gkey|nil, co|main, expires|nil,
+--   since }: the leader's coroutine is held weakly, so that one that
+--   nginx let go of (a killed light thread) can be collected.
+local leading = {}
+local renewing = false
+local WEAK = { __mode = "v" }
+-- A lead suspended this long with watchers makes the renewal run a full
+-- collection (at most once per COLLECT_EVERY): a light thread killed by
+-- ngx.thread.kill keeps its stack until collected.
+local SUSPECT_AFTER, COLLECT_EVERY = 2, 5
+local last_collect = -math.huge
+
+-- Its frame marks a live lead: the timer looks for it on the leader's
+-- coroutine (nginx kills the coroutines of requests that go away without
+-- a trace, and hands them to later requests). Not a tail call.
+local function lead_frame(rec, fn, ...) -- luacheck: ignore 212
+  local ok, v, err = protect(fn, ...)
+  return ok, v, err
+end
+
+-- Is rec's lead still running: lead_frame with rec on its coroutine?
+local function live(rec)
+  if rec.main then
+    return true -- the main thread: nothing to go by
+  end
+  local co = rec.co
+  if co == nil then
+    return false -- collected
+  end
+  local running = co == co_running()
+  if not running then
+    local status = co_status(co)
+    if status == "dead" then
+      return false
+    elseif status == "normal" then -- it resumed another coroutine
+      return true
+    end
+  end
+  local level = running and 1 or 0
+  while true do
+    local info
+    if running then
+      info = getinfo(level, "f")
+    else
+      info = getinfo(co, level, "f")
+    end
+    if not info then
+      return false
+    end
+    if info.func == lead_frame then
+      local _, v
+      if running then
+        _, v = getlocal(level, 1)
+      else
+        _, v = getlocal(co, level, 1)
+      end
+      if v == rec then
+        return true
+      end
+    end
+    level = level + 1
+  end
+end
+
+local schedule
+
+local function tick(premature)
+  renewing = false
+  local at, collect = now(), false
+  for token, rec in pairs(leading) do
+    local dict = rec.dict
+    if not live(rec) then -- its request went away: let the others take over
+      leading[token] = nil
+      if dict:get(rec.lkey) == rec.val then
+        dict:delete(rec.lkey)
+        bump(dict)
+      end
+    else
+      local ttl = LEASE
+      if rec.expires then
+        local left = rec.expires - now()
+        if left < ttl then
+          ttl = left
+        end
+      end
+      if ttl < 0.001 or dict:get(rec.lkey) ~= rec.val then
+        leading[token] = nil -- max_age: the lock runs out by itself; or lost
+      else
+        dict:expire(rec.lkey, ttl)
+        dict:expire(rec.wkey, WATCH_TTL)
+        if rec.gkey then
+          dict:expire(rec.gkey, GEN_TTL)
+        end
+        if not collect and at - rec.since >= SUSPECT_AFTER and rec.co
+           and co_status(rec.co) == "suspended" and (dict:get(rec.wkey) or 0) > 0 then
+          collect = true
+        end
+      end
+    end
+  end
+  if collect and at - last_collect >= COLLECT_EVERY then
+    last_collect = at
+    collectgarbage()
+  end
+  if not premature and next(leading) then
+    schedule()
+  end
+end
+
+local timer_warned = false
+
+function schedule()
+  if renewing then
+    return
+  end
+  local ok, started, err = pcall(ngx.timer.at, RENEW, tick)
+  if ok and started then
+    renewing = true
+  elseif not timer_warned then
+    timer_warned = true
+    ngx_log(WARN, "singleflight: cannot start the timer that renews shm leases (",
+            tostring(ok and err or started), "): a leader running longer than ",
+            LEASE, " s may be run again by another worker")
+  end
+end
+
+---------------------------------------------------------------------------
+-- The leader
+
+local function crossed_panic(value, tb, skey)
+  local p = new_panic(value, tb, skey)
+  p.crossed = true -- flow.after raises it as it is
+  return p
+end
+
+-- The outcome as the dict holds it: a value and its flags.
+local function packed(ok, v, err)
+  local payload, bad
+  if ok then
+    payload, bad = encode(true, v, err)
+  else
+    local value = v.value
+    if not encode(true, value) then -- it crosses as its text
+      value = safe_tostring(value)
+    end
+    payload, bad = encode(false, value, v.traceback)
+  end
+  if payload then
+    return payload, F_PAYLOAD
+  end
+  return bad, F_UNCROSSABLE
+end
+
+local function store(t, rkey, value, flags)
+  local ok, why = t.dict:safe_set(rkey, value, RESULT_TTL, flags)
+  if not ok then -- the watchers run fn themselves
+    degraded(t, why)
+    t.dict:safe_set(rkey, "", RESULT_TTL, F_NO_ROOM)
+  end
+end
+
+-- Closes the watchers' count wkey: true if a watcher counted itself in
+-- (its result is then due).
+local function close(dict, wkey)
+  local n = dict:incr(wkey, CLOSED)
+  if n and n > CLOSED then
+    dict:expire(wkey, RESULT_TTL)
+    return true
+  elseif n then
+    dict:delete(wkey)
+  end
+  return false
+end
+
+--[[
+Runs fn as the instance's leader of ctx's key, under the lock lkey that
+holds val; publishes the outcome if a watcher counted itself in. prev: the
+token of an execution that went away without a result, taken over by this
+one: its watchers still counted in get this one's result.
+]]
+local function lead(t, ctx, lkey, val, token, gkey, prev, fn, ...)
+  local dict, expires = t.dict, nil
+  if t.opts.max_age then
+    expires = now() + t.opts.max_age
+  end
+  local co = co_running()
+  local rec = setmetatable({ dict = dict, lkey = lkey, val = val, wkey = "w" .. token,
+                             gkey = gkey, co = co, main = co == nil, expires = expires,
+                             since = now() }, WEAK)
+  leading[token] = rec
+  schedule()
+  local counts = t.counts
+  counts.leads, counts.fnruns = counts.leads + 1, counts.fnruns + 1
+  ctx.ran = true
+  local ok, v, err = lead_frame(rec, fn, ...)
+  leading[token] = nil
+  if not ok and not is_panic(v) then -- the handler failed: a bare value
+    v = new_panic(v)
+  end
+  local shared = false
+  -- still ours? (else max_age or a lost lease: the result is ours alone)
+  if dict:get(lkey) == val then
+    local mine = close(dict, rec.wkey)
+    local theirs = prev ~= nil and close(dict, "w" .. prev)
+    if mine or theirs then
+      shared = true
+      local value, flags = packed(ok, v, err)
+      if mine then
+        store(t, "r" .. token, value, flags)
+      end
+      if theirs then
+        store(t, "r" .. prev, value, flags)
+      end
+    end
+    dict:delete(lkey)
+    bump(dict)
+  end
+  ctx.shared = shared
+  if not ok then
+    v.crossed, v.key = true, ctx.skey
+    error(v, 0)
+  end
+  return v, err
+end
+
+---------------------------------------------------------------------------
+-- The watcher
+
+local RESTART, LOCAL, TIMED_OUT, REFRESH = {}, {}, {}, {}
+
+-- The watcher leaves w<token>; the last reader of a result deletes it.
+local function leave(dict, wkey, rkey, moved)
+  local m = dict:incr(wkey, -1)
+  if m == CLOSED then
+    dict:delete(rkey)
+    dict:delete(wkey)
+  elseif m == 0 and moved then -- a leader that went away: nobody to close it
+    dict:delete(wkey)
+  end
+end
+
+-- What a watcher read under r<token>.
+local function outcome(t, ctx, r, flags)
+  if flags == F_UNCROSSABLE then
+    return FAILED, sfmt("singleflight: result for key %s cannot cross nginx workers (%s)",
+                        quote(ctx.skey), r)
+  elseif flags == F_NO_ROOM then
+    return LOCAL
+  end
+  local fine, ok, a, b = pcall(decode, r)
+  if not fine then
+    return FAILED, sfmt("singleflight: result for key %s: %s", quote(ctx.skey), tostring(ok))
+  end
+  ctx.shared = true
+  if ok then
+    return a, b
+  end
+  t.counts.remote_panics = t.counts.remote_panics + 1
+  error(crossed_panic(a, b, ctx.skey), 0)
+end
+
+-- A watcher's count in w<token>, kept after its leader went away without
+-- a result, until the watcher leads (the new leader's result is due to
+-- that token's watchers too) or counts itself in elsewhere.
+local function drop(dict, held)
+  if held then
+    leave(dict, "w" .. held, "r" .. held, true)
+  end
+end
+
+---------------------------------------------------------------------------
+-- The poller: one light thread per worker, while anybody watches. Every
+-- POLL seconds it reads the dict's change count (bumped by every leader
+-- that ends), and when it moved, wakes the watchers whose lock changed.
+-- A watcher also wakes by itself when its lock's lease would run out (a
+-- dead leader) and every CHECK seconds.
+
+local new_sema
+local watchers, nwatchers, polling = {}, 0, false
+local seen = setmetatable({}, { __mode = "k" }) -- dict -> its last count
+
+local function poller(premature)
+  if premature then
+    polling = false
+    return
+  end
+  local moved = {}
+  while nwatchers > 0 do
+    local at = now()
+    for d in pairs(moved) do
+      moved[d] = nil
+    end
+    for w in pairs(watchers) do
+      local d = w.dict
+      local m = moved[d]
+      if m == nil then
+        local n = d:get(SEQ)
+        m = n ~= seen[d]
+        seen[d], moved[d] = n, m
+      end
+      if at - w.touched > STALE then -- its coroutine went away
+        watchers[w] = nil
+        nwatchers = nwatchers - 1
+      elseif m and not w.woken and d:get(w.lkey) ~= w.val then
+        w.woken = true
+        w.sema:post(1)
+      end
+    end
+    ngx_sleep(POLL)
+  end
+  polling = false
+end
+
+local function enlist_watcher(w)
+  watchers[w] = true
+  nwatchers = nwatchers + 1
+  if not polling then
+    local ok, started = pcall(ngx.timer.at, 0, poller)
+    polling = ok and started and true or false
+  end
+end
+
+local function drop_watcher(w)
+  if watchers[w] then
+    watchers[w] = nil
+    nwatchers = nwatchers - 1
+  end
+end
+
+--[[
+Waits for the execution whose lock lkey holds val (led elsewhere), as one
+watcher of it; held: the token of an earlier execution this watcher is
+still counted in (left once counted in here). Returns the result, or
+RESTART and the token still held (the leader went away without a result),
+LOCAL (the dict is full: fn runs here), TIMED_OUT, or REFRESH: with
+max_age, this worker's call, which only watches, is about to look too old
+to its local waiters (they would take over): it ends, and they call again.
+]]
+local function watch(t, ctx, lkey, val, held)
+  local dict = t.dict
+  local token = token_of(val)
+  local wkey, rkey = "w" .. token, "r" .. token
+  local n = dict:incr(wkey, 1)
+  if not n then
+    local ok, err = dict:safe_add(wkey, 0, WATCH_TTL)
+    if not ok and err ~= "exists" then
+      drop(dict, held)
+      degraded(t, err)
+      return LOCAL
+    end
+    n = dict:incr(wkey, 1)
+    if not n then
+      return RESTART, held
+    end
+  end
+  drop(dict, held)
+  t.counts.waits = t.counts.waits + 1
+  if not new_sema then
+    new_sema = require("ngx.semaphore").new
+  end
+  local w = { dict = dict, lkey = lkey, val = val, sema = new_sema(0), woken = false,
+              touched = now() }
+  enlist_watcher(w)
+  local deadline, refresh = ctx.deadline, ctx.refresh
+  local st, cur
+  while true do
+    cur = dict:get(lkey)
+    if cur ~= val or n > CLOSED then
+      break
+    end
+    local at = now()
+    local pause = CHECK
+    if not polling then -- no timer for the poller: on its own, then
+      pause = POLL
+    end
+    local ttl = dict:ttl(lkey)
+    if ttl and ttl > 0 and ttl + 0.001 < pause then
+      pause = ttl + 0.001
+    end
+    if deadline then
+      if at >= deadline then
+        st = TIMED_OUT
+        break
+      elseif deadline - at < pause then
+        pause = deadline - at
+      end
+    end
+    if refresh then
+      if at >= refresh then
+        st = REFRESH
+        break
+      elseif refresh - at < pause then
+        pause = refresh - at
+      end
+    end
+    w.woken, w.touched = false, at
+    w.sema:wait(pause)
+  end
+  drop_watcher(w)
+  if st then
+    leave(dict, wkey, rkey, false)
+    return st
+  end
+  local r, flags = dict:get(rkey)
+  if r ~= nil then
+    leave(dict, wkey, rkey, cur ~= val)
+    return outcome(t, ctx, r, flags)
+  elseif n > CLOSED then -- counted in too late: a later caller
+    leave(dict, wkey, rkey, cur ~= val)
+    return RESTART
+  end
+  return RESTART, token -- the leader went away
+end
+
+---------------------------------------------------------------------------
+-- step: the first caller of a key in this worker, for all of them
+
+local function lease_ttl(t)
+  local max_age = t.opts.max_age
+  if max_age and max_age < LEASE then
+    return max_age > 0.001 and max_age or 0.001
+  end
+  return LEASE
+end
+
+-- fn, run by step for this worker's callers only
+local function run_here(t, ctx, fn, ...)
+  t.counts.fnruns = t.counts.fnruns + 1
+  ctx.ran = true
+  return fn(...)
+end
+
+-- A caller past its deadline: with on_timeout = "run" it runs fn itself.
+local function timed_out(t, ctx, self, fn, ...)
+  core_count(self, "timeouts")
+  if t.opts.on_timeout == "run" then
+    return run_here(t, ctx, fn, ...)
+  end
+  ctx.timed_out = true
+  return RETRY
+end
+
+-- Takes the lock lkey over (it holds val, a lead of this worker that went
+-- away or ran past max_age) and leads.
+local function take_over(t, ctx, lkey, val, gen, gkey, fn, ...)
+  local dict = t.dict
+  local prev = token_of(val)
+  leading[prev] = nil
+  local token = new_token()
+  local mine = token .. ctx.check
+  local ok, err = dict:safe_set(lkey, mine, lease_ttl(t))
+  bump(dict)
+  if not ok then
+    degraded(t, err)
+    return run_here(t, ctx, fn, ...)
+  end
+  t.counts.takeovers = t.counts.takeovers + 1
+  return lead(t, ctx, lkey, mine, token, gen > 0 and gkey or nil, prev, fn, ...)
+end
+
+local function step(self, t, ctx, fn, ...)
+  local counts = t.counts
+  counts.steps = counts.steps + 1
+  local late = ctx.deadline and now() >= ctx.deadline
+  if late and t.opts.on_timeout == "run" then
+    -- a local waiter that gave up (the flow runs it unshared), or a
+    -- take-over past the deadline: fn, for this worker
+    return run_here(t, ctx, fn, ...)
+  end
+  local dict, base, check = t.dict, ctx.base, ctx.check
+  local gkey = "g" .. base
+  local held -- the token of a leader that went away, still counted in
+  local max_age = t.opts.max_age
+  ctx.refresh = max_age and now() + REFRESH_AT * max_age
+  while true do
+    local gen = dict:get(gkey) or 0
+    ctx.gen = gen
+    t.current[ctx.skey] = ctx
+    local lkey = "l" .. gen .. ":" .. base
+    local val = dict:get(lkey)
+    if val == nil then
+      local token = new_token()
+      local mine = token .. check
+      local ok, err = dict:safe_add(lkey, mine, lease_ttl(t))
+      if ok then
+        if gen == 0 or dict:expire(gkey, GEN_TTL) then
+          if held then -- out of its count, which this lead closes
+            drop(dict, held)
+            counts.takeovers = counts.takeovers + 1
+          end
+          return lead(t, ctx, lkey, mine, token, gen > 0 and gkey or nil, held, fn, ...)
+        end
+        dict:delete(lkey) -- the generation ran out meanwhile: start again
+      elseif err ~= "exists" then
+        drop(dict, held)
+        degraded(t, err)
+        return run_here(t, ctx, fn, ...)
+      end
+    else
+      if own(val) then
+        local rec = leading[token_of(val)]
+        if not rec or not live(rec) or (rec.expires and now() >= rec.expires) then
+          -- its request went away, or it ran past max_age
+          drop(dict, held)
+          return take_over(t, ctx, lkey, val, gen, gkey, fn, ...)
+        elseif rec.co == co_running() then
+          drop(dict, held)
+          return FAILED, "singleflight: recursive call for key " .. quote(ctx.skey)
+        end
+      elseif check ~= "" and sub(val, -#check) ~= check then
+        drop(dict, held)
+        degraded(t, "two keys share a hash") -- this worker alone, then
+        return run_here(t, ctx, fn, ...)
+      end
+      local why = not late and cannot_wait(t.be or resolve(t.opts.backend))
+      if late or why then
+        drop(dict, held)
+        if late or t.opts.timeout == 0 then
+          return timed_out(t, ctx, self, fn, ...)
+        end
+        return FAILED, cannot_wait_msg(ctx.skey, why)
+      end
+      local a, b = watch(t, ctx, lkey, val, held)
+      if a == RESTART then -- the leader went away without a result
+        held = b
+      elseif a == LOCAL then
+        return run_here(t, ctx, fn, ...)
+      elseif a == TIMED_OUT then
+        held, late = nil, true
+      elseif a == REFRESH then
+        return RETRY
+      else
+        return a, b
+      end
+    end
+  end
+end
+
+---------------------------------------------------------------------------
+-- g:call on a tiered group (flow.call hands it over here)
+
+local function base_of(t, skey)
+  local base = t.ns .. skey
+  if #base > MAX_RAW then
+    return "#" .. ngx.sha1_bin(base), "#" .. ngx.md5_bin(base)
+  end
+  return base, ""
+end
+
+local function normal_key(self, key, fn)
+  if type(key) == "string" then
+    return key
+  end
+  return (select(4, acquire(self, key, fn, "call", CHECK_LOCAL)))
+end
+
+-- g:call in this worker again (not counted), after a watcher gave up
+local function recall(self, skey, ...)
+  local st, a, b, c, d = rerun_local(self, skey, step, ...)
+  if st == DONE then
+    return a, b, c
+  end
+  return after(self, skey, step, rerun_local, st, a, b, c, d, ...)
+end
+
+local function tiered(self, key, fn, ...)
+  local t = tiers[self]
+  if not t then
+    error("singleflight: this group's tier is not loaded", 2)
+  end
+  local skey = normal_key(self, key, fn)
+  local base, check = base_of(t, skey)
+  local cur = t.current[skey]
+  if cur and cur.gen ~= (t.dict:get("g" .. base) or 0) then
+    -- forgotten in another worker: this worker's callers start afresh too
+    c_forget(self, skey)
+    t.current[skey] = nil
+  end
+  local timeout = t.opts.timeout
+  local ctx = { skey = skey, base = base, check = check,
+                deadline = timeout and now() + timeout }
+  local ok, v, err, shared = pcall(call_local, self, skey, step, self, t, ctx, fn, ...)
+  while ok and v == RETRY and not ctx.timed_out do
+    -- the watcher of this worker gave up or made way: the callers left go on
+    ok, v, err, shared = pcall(recall, self, skey, self, t, ctx, fn, ...)
+  end
+  if t.current[skey] == ctx then
+    t.current[skey] = nil
+  end
+  if ok and v == RETRY then
+    return nil, TIMEOUT, false
+  end
+  shared = ok and (shared or ctx.shared) or false
+  if not ctx.ran and (shared or v == FAILED or not ok and is_panic(v)) then
+    t.counts.dups = t.counts.dups + 1 -- another caller's outcome
+  end
+  if not ok then
+    error(v, 0)
+  elseif v == FAILED then
+    error(err, 0)
+  end
+  return v, err, shared
+end
+
+---------------------------------------------------------------------------
+-- g:forget, g:stats, g:start on tiered groups
+
+local methods = core.methods
+
+local function noop() end
+
+methods.forget = function(self, key)
+  local t = tiers[self]
+  if not t then
+    return c_forget(self, key)
+  end
+  local was = c_forget(self, key)
+  local skey = normal_key(self, key, noop)
+  local base = base_of(t, skey)
+  t.current[skey] = nil
+  local dict, gkey = t.dict, "g" .. base
+  local gen = dict:get(gkey) or 0
+  if dict:get("l" .. gen .. ":" .. base) == nil then
+    return was
+  end
+  local n, err = dict:incr(gkey, 1)
+  if not n then
+    local ok
+    ok, err = dict:safe_add(gkey, 0, GEN_TTL)
+    if ok or err == "exists" then
+      n, err = dict:incr(gkey, 1)
+    end
+  end
+  if not n then
+    degraded(t, err)
+  else
+    dict:expire(gkey, GEN_TTL)
+  end
+  return true
+end
+
+methods.stats = function(self)
+  local st = c_stats(self)
+  local t = tiers[self]
+  if t then
+    local c = t.counts
+    -- each step counted as an execution; fn ran fnruns times
+    st.executions = st.executions - c.steps + c.fnruns
+    st.shared = c.dups
+    st.panics = st.panics - c.remote_panics
+    st.leads, st.waits, st.takeovers, st.fallbacks =
+      c.leads, c.waits, c.takeovers, c.fallbacks
+  end
+  return st
+end
+
+-- g:start: a light thread that runs g:call, and a future on it
+local Future = { __name = "singleflight.Future" }
+Future.__index = Future
+
+local function check_future(f, fname)
+  if getmetatable(f) ~= Future then
+    error(sfmt("bad argument #1 to '%s' (singleflight.Future expected, got %s)",
+               fname, type(f)), 3)
+  end
+end
+
+local function settle(f, ok, v, err, shared)
+  f.done = true
+  if ok then
+    f.v, f.err, f.shared = v, err, shared
+  elseif is_panic(v) and is_panic(v.value) then
+    f.panic = v.value -- the panic call raised
+  else
+    f.failure = is_panic(v) and v.value or v -- a misuse, raised as it is
+  end
+  f.args = nil
+  if f.waiting > 0 then
+    pcall(f.be.wake, f.obj, f.waiting)
+  end
+end
+
+local function run_future(f)
+  settle(f, protect(flow.call, f.group, f.key, f.fn, unpack(f.args, 1, f.n)))
+end
+
+function Future:wait(timeout)
+  check_future(self, "wait")
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0) then
+    error(sfmt("bad argument #1 to 'wait' (non-negative number expected, got %s)",
+               type(timeout) == "number" and tostring(timeout) or type(timeout)), 2)
+  end
+  if not self.done then
+    local be = self.be
+    local why = cannot_wait(be)
+    if why then
+      error(cannot_wait_msg(self.key, why), 2)
+    end
+    local deadline = timeout and now() + timeout
+    while not self.done do
+      local left
+      if deadline then
+        left = deadline - now()
+        if left <= 0 then
+          return nil, TIMEOUT, false
+        end
+      end
+      self.waiting = self.waiting + 1
+      local ok, e = pcall(be.wait, self.obj, left)
+      self.waiting = self.waiting - 1
+      if not ok then
+        error(e, 0)
+      end
+    end
+  end
+  if self.failure ~= nil then
+    error(self.failure, 0)
+  elseif self.panic ~= nil then
+    error(self.panic, 0)
+  end
+  return self.v, self.err, self.shared
+end
+
+function Future:ready()
+  check_future(self, "ready")
+  return self.done
+end
+
+function Future:__tostring()
+  return sfmt("singleflight.Future %s (%s)", quote(self.key),
+              self.done and "ready" or "pending")
+end
+
+local function start(self, key, fn, ...)
+  local skey = normal_key(self, key, fn)
+  local be = resolve((opts_of[self] or {}).backend or "auto")
+  if not be.spawn then
+    error(sfmt("singleflight: start needs a backend that can spawn light threads "
+               .. "(backend %q has no spawn)", tostring(be.name or "table")), 2)
+  end
+  local f = setmetatable({ group = self, key = skey, fn = fn, be = be,
+                           obj = be.new and be.new() or true, waiting = 0,
+                           done = false, n = select("#", ...), args = { ... } }, Future)
+  local ok, e = protect(be.spawn, run_future, f)
+  if not ok then
+    error(sfmt("singleflight: start cannot spawn a light thread here: %s",
+               tostring(is_panic(e) and e.value or e)), 2)
+  end
+  return f
+end
+
+---------------------------------------------------------------------------
+
+--- Makes g (made with options o, named `name` for singleflight.group) a
+-- group over the lua_shared_dict o.shm.
+function M.attach(g, o, name)
+  local dict = ngx.shared[o.shm]
+  tiers[g] = {
+    dict = dict, name = o.shm, opts = o,
+    -- a named group's keys are its own; groups made with new share the dict's
+    ns = name and ("=" .. #name .. ":" .. name) or "-",
+    be = o.backend ~= "auto" and resolve(o.backend) or nil,
+    counts = { leads = 0, waits = 0, takeovers = 0, fallbacks = 0, steps = 0,
+               fnruns = 0, dups = 0, remote_panics = 0 },
+    current = setmetatable({}, { __mode = "v" }),
+  }
+end
+
+flow.tiered = tiered
+future.tiered_start = start
+
+-- For the specs.
+M._leading = leading
+M.LEASE = LEASE
+
+return M
