@@ -215,10 +215,14 @@ local schedule
 
 local function tick(premature)
   renewing = false
-  local at, collect = now(), false
+  local at, collect, swept = now(), false, false
   for token, rec in pairs(leading) do
     local dict = rec.dict
     if not live(rec) then -- its request went away: let the others take over
+      if not swept then -- this worker's waiters first: they take over too
+        swept = true
+        pcall(flow.sweep)
+      end
       leading[token] = nil
       if dict:get(rec.lkey) == rec.val then
         dict:delete(rec.lkey)

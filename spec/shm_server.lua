@@ -1,0 +1,140 @@
+-- The shm specs' nginx: nginx_server.lua with N workers, the dicts and the
+-- server of ngx_shm_app.lua (listening with reuseport, so that the kernel
+-- spreads the connections over the workers), and the specs' helpers.
+local ns = require "nginx_server"
+local socket = require "socket"
+
+local M = {}
+
+M.find = ns.find
+
+--- Starts nginx with `workers` workers; returns the server and the port
+-- of the app.
+function M.start(workers)
+  local server = assert(ns.start(120, {
+    workers = workers,
+    http = [[
+  lua_shared_dict sf 1m;
+  lua_shared_dict tiny 12k;
+  lua_shared_dict book 1m;
+]],
+    init = 'shm_app = require "ngx_shm_app"',
+    servers = [[
+  server {
+    listen 127.0.0.1:@PORT2@ reuseport;
+    lua_check_client_abort on;
+    location /shm/ { content_by_lua_block { shm_app.content() } }
+  }
+]],
+  }))
+  return server, server.ports[2]
+end
+
+--- Stops it; returns its error log (minus the alerts of killed workers).
+function M.stop(server)
+  local log = server.log()
+  server.stop()
+  return log
+end
+
+--- Errors and alerts in the log, but "worker process N exited on signal 9"
+-- (the specs kill workers).
+function M.trouble(log)
+  local out = {}
+  for line in log:gmatch("[^\n]+") do
+    if (line:find("%[error%]") or line:find("%[alert%]") or line:find("%[crit%]")
+        or line:find("%[emerg%]")) and not line:find("exited on signal 9", 1, true) then
+      out[#out + 1] = line
+    end
+  end
+  return out
+end
+
+function M.times(n, path)
+  local t = {}
+  for i = 1, n do
+    t[i] = path
+  end
+  return t
+end
+
+--- field value -> how many answers have it
+function M.tally(answers, field)
+  local t = {}
+  for _, a in ipairs(answers) do
+    local v = a.fields[field] or "(none)"
+    t[v] = (t[v] or 0) + 1
+  end
+  return t
+end
+
+--- The distinct values of `field`, sorted, as a list.
+function M.distinct(answers, field)
+  local set, list = {}, {}
+  for _, a in ipairs(answers) do
+    local v = a.fields[field]
+    if v and not set[v] then
+      set[v] = true
+      list[#list + 1] = v
+    end
+  end
+  table.sort(list)
+  return list
+end
+
+--- The stats of group `group` summed over the workers.
+function M.stats(port, group)
+  local a = ns.get(port, "/shm/stats?group=" .. group)
+  assert(a.status == 200, "stats: status " .. tostring(a.status))
+  local st = {}
+  for k, v in pairs(a.fields) do
+    st[k] = tonumber(v)
+  end
+  return st
+end
+
+--- A value of the app's book.
+function M.book(port, key)
+  return ns.get(port, "/shm/book?key=" .. key).fields.value
+end
+
+-- Steps until pred() holds, for `secs` seconds at most.
+function M.eventually(pred, what, secs)
+  local deadline = socket.gettime() + (secs or 5)
+  while not pred() do
+    assert(socket.gettime() < deadline, "gave up waiting for " .. what)
+    socket.sleep(0.01)
+  end
+end
+
+--- The number of entries of dict `dict` whose name starts with `prefix`.
+function M.entries(port, prefix, dict)
+  local a = ns.get(port, "/shm/entries?prefix=" .. prefix .. "&dict=" .. (dict or "sf"))
+  return tonumber(a.fields.entries)
+end
+
+--- Starts `n` requests on the kill group's key, waits until they are all
+-- in and its first leader is known, kills that leader's worker with
+-- SIGKILL, and returns the answers, the leader's pid, and the seconds from
+-- the kill to the start of the second execution.
+function M.kill_leader(port, n, key)
+  local conns = {}
+  for i = 1, n do
+    conns[i] = ns.open(port, "/shm/kill?key=" .. key)
+  end
+  local leader
+  M.eventually(function()
+    leader = tonumber(M.book(port, "leader:kill" .. key .. ":1"))
+    return leader and tonumber(M.book(port, "arrived:kill" .. key)) == n
+  end, "the requests and the leader", 10)
+  socket.sleep(0.05) -- the last one in, on its way to waiting
+  local killed_at = socket.gettime()
+  assert(os.execute("kill -9 " .. leader))
+  local answers = ns.collect(conns, 10)
+  local started = tonumber(M.book(port, "started:kill" .. key .. ":2"))
+  return answers, leader, started and started - killed_at
+end
+
+M.ns = ns
+
+return M
