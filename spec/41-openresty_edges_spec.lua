@@ -26,14 +26,6 @@ local function eventually(pred, what, secs)
   end
 end
 
-local function gap(name, reason, fn)
-  if os.getenv("SINGLEFLIGHT_KNOWN_GAPS") == "1" then
-    it(name, fn)
-  else
-    pending(name .. " [known gap: " .. reason .. "]")
-  end
-end
-
 local usable, why = ns.find()
 
 if not usable then
@@ -182,11 +174,10 @@ describe("OpenResty edges", function()
       assert.equal(before.inflight, st.inflight)
     end)
 
-    gap("requests leave no timer behind",
-        "every Lua state that makes a group starts the sweep's ngx.timer.every, "
-        .. "which never ends: with lua_code_cache off each request's state stays "
-        .. "alive for good (about 0.5 MB each) and counts against lua_max_pending_timers",
-        function()
+    -- regression: every Lua state that made a group started an
+    -- ngx.timer.every that never ended: with lua_code_cache off each
+    -- request's state stayed alive for good
+    it("requests leave no timer behind", function()
       local before = cc_stats().pending_timers
       for _ = 1, 20 do
         assert.equal(200, ns.get(cc, "/cc_stats", GUARD).status)

@@ -47,16 +47,6 @@ local function eventually(pred, what, secs)
   end
 end
 
--- Specs of known gaps in the library: pending, with the reason, unless
--- SINGLEFLIGHT_KNOWN_GAPS=1 asks to run them.
-local function gap(name, reason, fn)
-  if os.getenv("SINGLEFLIGHT_KNOWN_GAPS") == "1" then
-    it(name, fn)
-  else
-    pending(name .. " [known gap: " .. reason .. "]")
-  end
-end
-
 local usable, why = ns.find()
 
 if not usable then
@@ -203,18 +193,17 @@ describe("OpenResty, a leader whose request ends inside fn", function()
       assert.same({}, errors)
     end)
   else
+    -- regression: the sweep asked OpenResty's coroutine.status about
+    -- coroutines of ended requests, which reads their freed bookkeeping
     pending("valgrind saw no invalid read or write in nginx (run with "
-            .. "SINGLEFLIGHT_NGINX_VALGRIND=1; known to fail: the sweep asks "
-            .. "ngx_lua's coroutine.status about coroutines of ended requests)")
+            .. "SINGLEFLIGHT_NGINX_VALGRIND=1: nginx under valgrind)")
   end
 end)
 
 describe("OpenResty, a fresh worker where only futures wait", function()
-  gap("futures joined to a leader whose request exits answer, and one takes over",
-      "the sweep starts with singleflight.new/group where timers can be made, or "
-      .. "at the first duplicate g:call; a future's wait does not start it, so in "
-      .. "a worker whose groups were made in init_by_lua it never runs",
-      function()
+  -- regression: a future's wait did not start the sweep
+  it("futures joined to a leader whose request exits answer, and one takes over",
+     function()
     local server = assert(ns.start(30))
     local port = server.port
     local ok, err = pcall(function()

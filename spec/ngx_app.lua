@@ -193,9 +193,11 @@ function handlers.gone_leader(args)
     sleep_until(all_in, 10)
     ended_at[key] = now()
     if how == "start_exit" then
+      gone_threads[key] = nil -- nothing keeps the light thread but nginx
       return ngx.exit(204)
     end
     local ok, err = ngx.thread.kill(gone_threads[key])
+    gone_threads[key] = nil -- nor the killed one: the collector sees it go
     return reply { killed = ok and true or false, err = err, ready = f:ready() }
   end
   local v = g:call(key, function()
@@ -249,6 +251,7 @@ function handlers.gone_future(args)
   local led = false
   local f = g:start(key, function()
     led = true
+    ngx.sleep(0.02) -- the other futures join this one meanwhile
     return "second"
   end)
   local v, err, shared = f:wait()
@@ -271,6 +274,7 @@ function handlers.kill_then_call(args)
   end)
   local leading = g:stats().executions == before.executions + 1
   local killed = ngx.thread.kill(co) and true or false
+  co = nil -- luacheck: ignore 311 (dropped: the collector sees it go)
   local out = { leading = leading, killed = killed }
   if args.self then
     out.value = g:call(key, function()

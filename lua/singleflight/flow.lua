@@ -24,8 +24,8 @@ local runner = require "singleflight.runner"
 local backends = require "singleflight.backends"
 local options = require "singleflight.options"
 
-local error, pairs, pcall, rawget, select, setmetatable, type =
-      error, pairs, pcall, rawget, select, setmetatable, type
+local error, next, pairs, pcall, rawget, select, setmetatable, type =
+      error, next, pairs, pcall, rawget, select, setmetatable, type
 local sfmt = string.format
 
 local core_wait, state, unjoin, leave, release, expire, age, abandon,
@@ -33,7 +33,10 @@ local core_wait, state, unjoin, leave, release, expire, age, abandon,
       core.wait, core.state, core.unjoin, core.leave, core.release,
       core.expire, core.age, core.abandon, core.abandon_call, core.leaders,
       core.calls, core.now, core.quote, core.count
-local co_running, co_status = coroutine.running, coroutine.status
+local co_running = coroutine.running
+-- the status Lua itself keeps: OpenResty's coroutine.status reads the
+-- bookkeeping of the coroutine's request, which is freed when it ends
+local co_status = rawget(coroutine, "_status") or coroutine.status
 local getinfo, getlocal = debug.getinfo, debug.getlocal
 local panic_of, new_panic = panic.of, panic.new
 local resolve, cannot_wait, interpreted =
@@ -486,9 +489,22 @@ function check_recursion(c, gd, skey)
   end
 end
 
---- Abandons the calls whose leader frame is gone.
+local SWEEP_EVERY = 0.5
+-- A light thread killed by ngx.thread.kill (or ended with its request)
+-- keeps its stack: only the collector sees it go. When waiters have sat
+-- on such a suspended leader for this many sweeps, the sweep runs a full
+-- collection, once per such leader: one still there after it is alive (or
+-- held by the application), and is not collected for again.
+local SUSPECT_SWEEPS = 2
+local suspects = {} -- call -> sweeps it was seen suspended with waiters
+local cleared = setmetatable({}, { __mode = "k" }) -- flight -> collected for
+
+--- Abandons the calls whose leader frame is gone; returns whether any
+-- call is still led or waited on in this state, and whether a collection
+-- is due (to be run once this frame, which held the coroutines, is gone).
 function M.sweep()
   local list = { leaders() }
+  local seen, collect = {}, false
   for i = 1, #list, 2 do
     local co, gd = list[i], list[i + 1]
     local status = co_status(co)
@@ -498,24 +514,50 @@ function M.sweep()
       local led = { calls(gd) }
       for j = 1, #led do
         local c = led[j]
-        if not led_on(co, c) and abandon_call(gd, c) then
-          gone(c)
+        if not led_on(co, c) then
+          if abandon_call(gd, c) then
+            gone(c)
+          end
+        elseif status == "suspended" and flights[c] and not cleared[flights[c]] then
+          local n = (suspects[c] or 0) + 1
+          seen[c] = n
+          if n >= SUSPECT_SWEEPS then
+            collect = true
+            cleared[flights[c]] = true
+          end
         end
       end
     end
   end
+  suspects = seen
+  return #list > 0 or next(flights) ~= nil, collect
 end
 
-local SWEEP_EVERY = 0.5
+local function tick(premature)
+  sweeping = false
+  if premature then
+    return
+  end
+  local busy, collect = M.sweep()
+  if collect then -- twice: on LuaJIT and 5.1, a guard in a weak-keyed table
+    collectgarbage() -- is finalized a cycle after its coroutine
+    collectgarbage()
+  end
+  if busy then
+    M.watch()
+  end
+end
 
---- Starts the sweep in this nginx worker, once, where timers can be made.
+--- Arms the sweep in this nginx worker (a timer that re-arms itself while
+-- calls are led or waited on here, and stops when none are, so that a Lua
+-- state made for one request, with lua_code_cache off, can go).
 function M.watch()
   if sweeping or not backends.in_openresty() then
     return
   end
   local ngx = rawget(_G, "ngx")
-  local ok, started = pcall(ngx.timer.every, SWEEP_EVERY, M.sweep)
-  sweeping = ok and started and true or false
+  local ok, armed = pcall(ngx.timer.at, SWEEP_EVERY, tick)
+  sweeping = ok and armed and true or false
 end
 
 ---------------------------------------------------------------------------

@@ -103,6 +103,7 @@ end
 -- returns v, err, shared as call would, or raises the panic.
 function Future:wait(timeout)
   check_future(self, "wait")
+  flow.watch()
   if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0) then
     error(sfmt("bad argument #1 to 'wait' (non-negative number expected, got %s)",
                type(timeout) == "number" and tostring(timeout) or type(timeout)), 2)

@@ -55,7 +55,6 @@ function M.new(opts)
   local g = core.new()
   opts_of[g] = o
   tier(g, o)
-  flow.watch()
   return g
 end
 
@@ -68,7 +67,6 @@ function M.group(name, opts)
   local g = core.open(name)
   opts_of[g] = o
   tier(g, o, name)
-  flow.watch()
   return g
 end
 
