@@ -197,19 +197,26 @@ static int guard_abandon_from(lua_State *L, lsf_guard *gd, int from) {
   return n;
 }
 
-/* abandon(guard [, close]) -> calls...: the guard's coroutine went away
- * (collected: every call) or a leader frame of it was closed (5.4: the
- * calls from that frame's up). */
+/* abandon(guard) -> calls...: the guard's coroutine went away (collected:
+ * every call). abandon(guard, true) -> {calls} | nothing: a leader frame of
+ * it was closed (5.4: the calls from that frame's up; on every normal
+ * return, none). */
 static int lsf_abandon(lua_State *L) {
   lsf_guard *gd = lsf_check_guard(L, 1);
   int closing = lua_toboolean(L, 2);
   lua_settop(L, 0);
   if (closing) {
-    int mine = gd->marks;
+    int mine = gd->marks, n, i;
     if (mine <= 0)
       return 0;
     gd->marks--;
-    return guard_abandon_from(L, gd, mine - 1);
+    if (gd->height <= mine - 1)
+      return 0;
+    lua_createtable(L, gd->height - (mine - 1), 0);
+    n = guard_abandon_from(L, gd, mine - 1);
+    for (i = n; i >= 1; i--)
+      lua_rawseti(L, 1, i);
+    return 1;
   }
   gd->marks = 0;
   if (lsf_ctx_of(L)->main_guard == gd)

@@ -125,7 +125,12 @@ core.Guard.__gc = function(gd)
 end
 if core.closes then
   core.Guard.__close = function(gd)
-    gone_all(abandon(gd, true))
+    local list = abandon(gd, true) -- nothing, on every normal return
+    if list then
+      for i = 1, #list do
+        gone(list[i])
+      end
+    end
   end
 end
 core.Ref.__gc = function(ref)
