@@ -240,6 +240,7 @@ local function tick(premature)
         leading[token] = nil -- max_age: the lock runs out by itself; or lost
       else
         dict:expire(rec.lkey, ttl)
+        dict:expire(rec.pkey, WATCH_TTL)
         dict:expire(rec.wkey, WATCH_TTL)
         if rec.gkey then
           dict:expire(rec.gkey, GEN_TTL)
@@ -316,34 +317,46 @@ end
 -- (its result is then due).
 local function close(dict, wkey)
   local n = dict:incr(wkey, CLOSED)
-  if n and n > CLOSED then
+  if not n then
+    return false
+  elseif n >= 2 * CLOSED then -- closed already (by its own leader)
+    dict:incr(wkey, -CLOSED)
+    return false
+  elseif n > CLOSED then
     dict:expire(wkey, RESULT_TTL)
     return true
-  elseif n then
-    dict:delete(wkey)
   end
+  dict:delete(wkey)
   return false
 end
 
 --[[
 Runs fn as the instance's leader of ctx's key, under the lock lkey that
-holds val; publishes the outcome if a watcher counted itself in. prev: the
-token of an execution that went away without a result, taken over by this
-one: its watchers still counted in get this one's result.
+holds val; publishes the outcome if a watcher counted itself in.
+
+p<gen>:<base> names the last execution that took the lock. If it went
+away without a result (its worker died, its request went away, max_age),
+this one is its successor: the watchers still counted in there get this
+one's result too, whenever they come back to look.
 ]]
-local function lead(t, ctx, lkey, val, token, gkey, prev, fn, ...)
+local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
   local dict, expires = t.dict, nil
   if t.opts.max_age then
     expires = now() + t.opts.max_age
   end
+  local prev = dict:get(pkey)
+  dict:safe_set(pkey, token, WATCH_TTL) -- no room: no successor, that's all
   local co = co_running()
-  local rec = setmetatable({ dict = dict, lkey = lkey, val = val, wkey = "w" .. token,
-                             gkey = gkey, co = co, main = co == nil, expires = expires,
-                             since = now() }, WEAK)
+  local rec = setmetatable({ dict = dict, lkey = lkey, pkey = pkey, val = val,
+                             wkey = "w" .. token, gkey = gkey, co = co, main = co == nil,
+                             expires = expires, since = now() }, WEAK)
   leading[token] = rec
   schedule()
   local counts = t.counts
   counts.leads, counts.fnruns = counts.leads + 1, counts.fnruns + 1
+  if prev then
+    counts.takeovers = counts.takeovers + 1
+  end
   ctx.ran = true
   local ok, v, err = lead_frame(rec, fn, ...)
   leading[token] = nil
@@ -366,6 +379,9 @@ local function lead(t, ctx, lkey, val, token, gkey, prev, fn, ...)
       end
     end
     dict:delete(lkey)
+    if dict:get(pkey) == token then
+      dict:delete(pkey)
+    end
     bump(dict)
   end
   ctx.shared = shared
@@ -593,22 +609,14 @@ local function timed_out(t, ctx, self, fn, ...)
   return RETRY
 end
 
--- Takes the lock lkey over (it holds val, a lead of this worker that went
--- away or ran past max_age) and leads.
-local function take_over(t, ctx, lkey, val, gen, gkey, fn, ...)
-  local dict = t.dict
-  local prev = token_of(val)
-  leading[prev] = nil
-  local token = new_token()
-  local mine = token .. ctx.check
-  local ok, err = dict:safe_set(lkey, mine, lease_ttl(t))
-  bump(dict)
-  if not ok then
-    degraded(t, err)
-    return run_here(t, ctx, fn, ...)
+-- Lets go of the lock lkey (it holds val, a lead of this worker that went
+-- away or ran past max_age): the next to add it succeeds that lead.
+local function let_go(dict, lkey, val)
+  leading[token_of(val)] = nil
+  if dict:get(lkey) == val then
+    dict:delete(lkey)
+    bump(dict)
   end
-  t.counts.takeovers = t.counts.takeovers + 1
-  return lead(t, ctx, lkey, mine, token, gen > 0 and gkey or nil, prev, fn, ...)
 end
 
 local function step(self, t, ctx, fn, ...)
@@ -631,17 +639,26 @@ local function step(self, t, ctx, fn, ...)
     t.current[ctx.skey] = ctx
     local lkey = "l" .. gen .. ":" .. base
     local val = dict:get(lkey)
+    if val ~= nil and own(val) then
+      local rec = leading[token_of(val)]
+      if not rec or not live(rec) or (rec.expires and now() >= rec.expires) then
+        -- a lead of this worker whose request went away, or past max_age
+        let_go(dict, lkey, val)
+        val = dict:get(lkey) -- nil, unless another worker was quicker
+      elseif rec.co == co_running() then
+        drop(dict, held)
+        return FAILED, "singleflight: recursive call for key " .. quote(ctx.skey)
+      end
+    end
     if val == nil then
       local token = new_token()
       local mine = token .. check
       local ok, err = dict:safe_add(lkey, mine, lease_ttl(t))
       if ok then
         if gen == 0 or dict:expire(gkey, GEN_TTL) then
-          if held then -- out of its count, which this lead closes
-            drop(dict, held)
-            counts.takeovers = counts.takeovers + 1
-          end
-          return lead(t, ctx, lkey, mine, token, gen > 0 and gkey or nil, held, fn, ...)
+          drop(dict, held) -- this lead succeeds that one (see lead)
+          return lead(t, ctx, lkey, "p" .. gen .. ":" .. base, mine, token,
+                      gen > 0 and gkey or nil, fn, ...)
         end
         dict:delete(lkey) -- the generation ran out meanwhile: start again
       elseif err ~= "exists" then
@@ -649,22 +666,11 @@ local function step(self, t, ctx, fn, ...)
         degraded(t, err)
         return run_here(t, ctx, fn, ...)
       end
+    elseif check ~= "" and sub(val, -#check) ~= check then
+      drop(dict, held)
+      degraded(t, "two keys share a hash") -- this worker alone, then
+      return run_here(t, ctx, fn, ...)
     else
-      if own(val) then
-        local rec = leading[token_of(val)]
-        if not rec or not live(rec) or (rec.expires and now() >= rec.expires) then
-          -- its request went away, or it ran past max_age
-          drop(dict, held)
-          return take_over(t, ctx, lkey, val, gen, gkey, fn, ...)
-        elseif rec.co == co_running() then
-          drop(dict, held)
-          return FAILED, "singleflight: recursive call for key " .. quote(ctx.skey)
-        end
-      elseif check ~= "" and sub(val, -#check) ~= check then
-        drop(dict, held)
-        degraded(t, "two keys share a hash") -- this worker alone, then
-        return run_here(t, ctx, fn, ...)
-      end
       local why = not late and cannot_wait(t.be or resolve(t.opts.backend))
       if late or why then
         drop(dict, held)
