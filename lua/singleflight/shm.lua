@@ -4,14 +4,19 @@
 -- Each worker deduplicates its own callers first (flow.call_local): the
 -- first caller of a key in a worker runs step() below for all of them, and
 -- the worker's other callers wait on it locally. step() either leads for
--- the whole instance or watches the leader in another worker:
+-- the whole instance or watches the leader in another worker. The dict
+-- holds, per key (base: the group's namespace and the key, hashed when
+-- long):
 --
---   l<gen>:<base>  the lock: the leader's token, set only if absent, with a
---                  lease for an expiry. A timer of the leader's worker
+--   l<gen>:<base>  the lock: the leader's token, added only if absent, with
+--                  a lease for an expiry. A timer of the leader's worker
 --                  renews it while fn runs (never past max_age), so a live
 --                  leader keeps it and a dead worker's runs out within the
---                  lease; a leader whose request went away is dropped by
---                  the same timer (its lock deleted).
+--                  lease; a lead whose request went away is let go by the
+--                  same timer (its lock deleted).
+--   p<gen>:<base>  the token of the last execution that took the lock. One
+--                  that takes it after an execution went away without a
+--                  result answers that one's watchers too.
 --   w<token>       the watchers of an execution: one count per worker that
 --                  waits on it. The leader closes it (adds CLOSED) when fn
 --                  returns: watchers that counted themselves in before are
@@ -21,10 +26,14 @@
 --   g<base>        the generation, only after a forget: later callers use
 --                  the next lock, and those waiting on the forgotten
 --                  execution still get its result.
+--   s              the dict's change count (its one lasting entry), bumped
+--                  whenever a lock is let go.
 --
--- Watchers poll the lock (1 ms, backing off to 4 ms): when it no longer
--- holds the token they watch, the result is there, or the leader went away
--- and the first watcher to add the lock again leads. Every entry has an
+-- A watcher waits on a semaphore. One light thread per worker (while
+-- anyone watches) reads the change count every millisecond and wakes the
+-- watchers whose lock changed; a watcher also wakes when its lock's lease
+-- would run out. Then the result is there, or the leader went away and the
+-- first to add the lock again leads. Every entry but the count has an
 -- expiry: the dict holds in-flight state only, never a cache. When the
 -- dict is full, calls fall back to this worker alone, counted and logged.
 
@@ -68,7 +77,7 @@ local DONE = 0
 
 -- Seconds. A lock lives LEASE past its last renewal; renewals come every
 -- RENEW, so a worker whose event loop stalls for LEASE - RENEW loses its
--- leads. A watcher notices a dead leader within LEASE + POLL_MAX.
+-- leads. A watcher notices a dead leader's lock run out at once.
 local LEASE, RENEW = 0.9, 0.15
 local POLL = 0.001           -- the poller's beat
 local CHECK = 0.25           -- a watcher looks for itself at least this often
