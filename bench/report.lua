@@ -282,6 +282,28 @@ do
   end
 end
 
+-- Across nginx workers: 200 requests on one key over 4 workers, a group
+-- over a lua_shared_dict against a group per worker
+do
+  local d = per_run(function(r)
+    local s, w = get("nginx.xworker_shm_p99_ms", r), get("nginx.xworker_worker_p99_ms", r)
+    return s and w and s - w
+  end)
+  row(fmt("%s requests on one key over %s nginx workers: waiters' p99 over the backend, "
+          .. "shm vs a group per worker", num(get("nginx.xworker_requests") or 200, 0),
+          num(get("nginx.xworker_workers") or 4, 0)),
+      fmt("%s ms (shm %s ms, executions %s; a group per worker %s ms, executions %s)",
+          d and fmt("%+.1f", d) or "n/a", num(get("nginx.xworker_shm_p99_ms"), 2),
+          num(get("nginx.xworker_shm_execs"), 0), num(get("nginx.xworker_worker_p99_ms"), 2),
+          num(get("nginx.xworker_worker_execs"), 0)),
+      "<= +10 ms", d, function(v)
+        if v <= 10 then
+          return "PASS"
+        end
+        return fmt("MISS (%+.1f ms over)", v - 10)
+      end, true) -- skipped where nginx with the Lua module can't run
+end
+
 ---------------------------------------------------------------------------
 -- Output
 
@@ -365,6 +387,13 @@ if get("lua-5.4.floor_pcallk_ns") then
       "pcall(fn) %s; C method + lua_pcallk %s; + group check %s; + key and fn "
       .. "checks %s; + main thread test %s; + core acquire/finish %s; g:call %s",
       f("pcall"), f("pcallk"), f("group"), f("args"), f("thread"), f("core"), f("call"))
+end
+if get("nginx.xworker_shm_p99_ms") then
+  add("Across nginx workers, waiters' latency over the backend, ms",
+      "shm p50 %s, p99 %s; a group per worker p50 %s, p99 %s (%s)",
+      num(get("nginx.xworker_shm_p50_ms"), 2), num(get("nginx.xworker_shm_p99_ms"), 2),
+      num(get("nginx.xworker_worker_p50_ms"), 2), num(get("nginx.xworker_worker_p99_ms"), 2),
+      meta.nginx or "nginx")
 end
 add("C core, private group (no locks), ns per acquire+finish", "%s",
     num(get("core.private_ns")))

@@ -100,6 +100,15 @@ run_lua() { # version mode [extra cpath dir]
     bench/lua_bench.lua "$2" "$SCALE"
 }
 
+# bench/nginx_bench.lua, for the row across nginx workers: LuaJIT and
+# LuaSocket drive a throwaway nginx (it says why on stderr when it can't)
+nginx_bench=
+if command -v luajit >/dev/null 2>&1 && luajit -e 'require "socket"' 2>/dev/null; then
+  nginx_bench=yes
+else
+  note "luajit or LuaSocket missing: the row across nginx workers is skipped"
+fi
+
 # ---- the machine ----
 
 meta date "$(date -u +%Y-%m-%d)"
@@ -110,6 +119,7 @@ meta os "$(uname -sr)"
 meta cc "$($CC --version | head -1)"
 meta runs "$RUNS"
 meta load_start "$(cut -d' ' -f1-3 /proc/loadavg)"
+meta nginx "$( (${NGINX:-/usr/sbin/nginx} -v 2>&1 || echo none) | sed 's/^nginx version: //')"
 meta scale "$SCALE"
 for v in $luas; do
   meta "lua-$v" "$($(lua_bin "$v") -v 2>&1 | head -1 | sed 's/ *\(-- \)*Copyright.*//')"
@@ -138,6 +148,10 @@ while [ "$run" -le "$RUNS" ]; do
   if [ -n "$floor" ]; then
     note "run $run of $RUNS: Lua 5.4, floor"
     collect "$run lua-5.4" run_lua 5.4 floor "$floor"
+  fi
+  if [ -n "$nginx_bench" ]; then
+    note "run $run of $RUNS: across nginx workers"
+    collect "$run nginx" luajit bench/nginx_bench.lua "$SCALE"
   fi
   run=$((run + 1))
 done
