@@ -2,18 +2,25 @@
 # demo.sh: the OpenResty stampede, with singleflight and without it.
 #
 # Starts a throwaway nginx on 127.0.0.1 (its own prefix directory, removed
-# at the end, even on Ctrl-C) whose slow fake upstream takes UPSTREAM_MS
-# a call and serves UPSTREAM_SLOTS calls at a time. CLIENTS connections
-# (wrk) then ask for one key for DURATION seconds, once straight to the
-# upstream and once through a singleflight group, and the two runs are
-# printed side by side. Without nginx it falls back to tools/demo.lua.
+# at the end, even on Ctrl-C) with WORKERS workers, whose slow fake upstream
+# takes UPSTREAM_MS a call and serves UPSTREAM_SLOTS calls at a time (per
+# worker). CLIENTS connections (wrk) then ask for one key for DURATION
+# seconds, straight to the upstream, through a singleflight group per
+# worker, and through one group over a lua_shared_dict (shm) for the whole
+# instance; the three runs are printed side by side. Then STAMPEDES rounds
+# of STAMPEDE requests at once on a fresh key show the executions per
+# stampede and the waiters' latency over the upstream call, per-worker
+# groups against shm. Without wrk the first part is skipped; without nginx
+# it falls back to tools/demo.lua.
 #
-#   make demo CLIENTS=100 DURATION=5 UPSTREAM_MS=100 UPSTREAM_SLOTS=10
+#   make demo CLIENTS=100 DURATION=5 UPSTREAM_MS=100 UPSTREAM_SLOTS=10 WORKERS=4
 set -u
 
 CLIENTS=${CLIENTS:-50}
 DURATION=${DURATION:-5}
-WORKERS=${WORKERS:-1}
+WORKERS=${WORKERS:-4}
+STAMPEDE=${STAMPEDE:-200}
+STAMPEDES=${STAMPEDES:-5}
 UPSTREAM_MS=${UPSTREAM_MS:-100}
 UPSTREAM_SLOTS=${UPSTREAM_SLOTS:-10}
 NGINX=${NGINX:-/usr/sbin/nginx}
@@ -36,7 +43,14 @@ done
 [ -n "$moddir" ] || fallback "libnginx-mod-http-lua is not installed"
 [ -f /usr/share/lua/5.1/resty/core.lua ] || fallback "lua-resty-core is not installed"
 [ -f "$BUILD/jit/singleflight/core.so" ] || fallback "$BUILD/jit/singleflight/core.so is missing"
-command -v wrk >/dev/null 2>&1 || fallback "wrk is not installed"
+have_wrk=yes
+command -v wrk >/dev/null 2>&1 || have_wrk=
+# the stampede client: a Lua with LuaSocket
+client=""
+for l in lua5.4 luajit lua5.3 lua5.1; do
+  if $l -e 'require "socket"' >/dev/null 2>&1; then client=$l; break; fi
+done
+[ -n "$have_wrk" ] || [ -n "$client" ] || fallback "neither wrk nor a Lua with LuaSocket is installed"
 
 prefix=$(mktemp -d /tmp/singleflight-demo.XXXXXX) || exit 1
 cleanup() {
@@ -82,15 +96,18 @@ http {
   lua_package_path "$ROOT/lua/?.lua;$ROOT/lua/?/init.lua;$ROOT/tools/?.lua;/usr/share/lua/5.1/?.lua;;";
   lua_package_cpath "$ROOT/$BUILD/jit/?.so;;";
   lua_shared_dict demo 1m;
+  lua_shared_dict demo_sf 10m;
 
   init_by_lua_block { app = require "demo_app" }
   init_worker_by_lua_block { app.init_worker() }
 
   server {
-    listen 127.0.0.1:$port;
+    listen 127.0.0.1:$port reuseport;
     location = /upstream { content_by_lua_block { app.upstream() } }
     location = /without  { content_by_lua_block { app.without() } }
     location = /with     { content_by_lua_block { app.with() } }
+    location = /with_shm { content_by_lua_block { app.with_shm() } }
+    location = /stampede { content_by_lua_block { app.stampede() } }
     location = /stats    { content_by_lua_block { app.stats() } }
     location = /reset    { content_by_lua_block { app.reset() } }
   }
@@ -128,14 +145,18 @@ run() {
   get /stats | sed -n 's/^upstream_calls=//p' >"$prefix/$1.calls"
 }
 
-echo "singleflight demo: a stampede on one key, OpenResty $("$NGINX" -v 2>&1 | sed 's/.*: //')"
-echo "  upstream: ${UPSTREAM_MS} ms a call, ${UPSTREAM_SLOTS} calls at a time (0: no limit)"
-echo "  load:     $CLIENTS connections (wrk) for ${DURATION} s on one key, $WORKERS nginx worker(s)"
+echo "singleflight demo: a stampede on one key, OpenResty $("$NGINX" -v 2>&1 | sed 's/.*: //'), $WORKERS nginx worker(s)"
+echo "  upstream: ${UPSTREAM_MS} ms a call, ${UPSTREAM_SLOTS} calls at a time per worker (0: no limit)"
 echo
+
+if [ -n "$have_wrk" ]; then
+echo "  load: $CLIENTS connections (wrk) for ${DURATION} s on one key"
 echo "  running without singleflight..."
 run /without
-echo "  running with singleflight..."
+echo "  running with a singleflight group per worker..."
 run /with
+echo "  running with a singleflight group over a lua_shared_dict (shm)..."
+run /with_shm
 echo
 
 # field FILE WHAT: one number out of a wrk report, latencies in ms
@@ -159,20 +180,36 @@ field() {
 }
 
 row() {
-  printf "  %-16s %18s %18s\n" "$1" "$2" "$3"
+  printf "  %-16s %16s %16s %16s\n" "$1" "$2" "$3" "$4"
 }
-w="$prefix//without.wrk"; s="$prefix//with.wrk"
-row "" "without" "with singleflight"
-row "requests" "$(field "$w" requests)" "$(field "$s" requests)"
-row "requests/s" "$(field "$w" rps)" "$(field "$s" rps)"
-row "upstream calls" "$(cat "$prefix//without.calls")" "$(cat "$prefix//with.calls")"
-row "latency p50" "$(field "$w" 50%)" "$(field "$s" 50%)"
-row "latency p90" "$(field "$w" 90%)" "$(field "$s" 90%)"
-row "latency p99" "$(field "$w" 99%)" "$(field "$s" 99%)"
-row "errors" "$(field "$w" errors)" "$(field "$s" errors)"
+w="$prefix//without.wrk"; s="$prefix//with.wrk"; h="$prefix//with_shm.wrk"
+row "" "without" "group per worker" "shm"
+row "requests" "$(field "$w" requests)" "$(field "$s" requests)" "$(field "$h" requests)"
+row "requests/s" "$(field "$w" rps)" "$(field "$s" rps)" "$(field "$h" rps)"
+row "upstream calls" "$(cat "$prefix//without.calls")" "$(cat "$prefix//with.calls")" \
+  "$(cat "$prefix//with_shm.calls")"
+row "latency p50" "$(field "$w" 50%)" "$(field "$s" 50%)" "$(field "$h" 50%)"
+row "latency p90" "$(field "$w" 90%)" "$(field "$s" 90%)" "$(field "$h" 90%)"
+row "latency p99" "$(field "$w" 99%)" "$(field "$s" 99%)" "$(field "$h" 99%)"
+row "errors" "$(field "$w" errors)" "$(field "$s" errors)" "$(field "$h" errors)"
 echo
 echo "  with singleflight, the requests that arrive while the upstream works on"
-echo "  the key wait for that one call and share its answer (one group per worker)."
+echo "  the key wait for that one call and share its answer: one call per worker"
+echo "  with a group per worker, one for the whole instance with shm."
+echo
+else
+  echo "  (wrk is not installed: the load runs are skipped)"
+  echo
+fi
+
+if [ -n "$client" ]; then
+  echo "  stampedes: $STAMPEDE requests at once on a fresh key, $STAMPEDES rounds each"
+  $client tools/demo_stampede.lua "$port" "$STAMPEDE" "$STAMPEDES"
+  echo
+  echo "  per-worker groups run the upstream once per worker that got requests;"
+  echo "  shm once for the instance, its waiters in the other workers answering"
+  echo "  a few milliseconds after the upstream's answer."
+fi
 if grep -q "\[error\]" "$prefix/logs/error.log"; then
   echo "demo: nginx logged errors:" >&2
   grep "\[error\]" "$prefix/logs/error.log" | head -5 >&2
