@@ -207,6 +207,35 @@ describe("shm across four nginx workers", function()
     assert.equal("1", shm.book(port, "exec:sloww1"))
   end)
 
+  it("a reload does not run a slow leader twice: its old worker keeps its lease", function()
+    local before = server.workers()
+    local first = {}
+    for i = 1, 10 do
+      first[i] = ns.open(port, "/shm/slow?key=r1&n=10&hold=2")
+    end
+    shm.eventually(function()
+      return tonumber(shm.book(port, "arrived:slowr1")) == 10
+    end, "the first requests")
+    assert.is_true(server.signal("HUP"))
+    -- new workers, the old ones finishing their requests
+    shm.eventually(function()
+      local old = {}
+      for _, pid in ipairs(before) do
+        old[pid] = true
+      end
+      local new = 0
+      for _, pid in ipairs(server.workers()) do
+        new = new + (old[pid] and 0 or 1)
+      end
+      return new == 4
+    end, "the new workers", 10)
+    local second = ns.batch(port, times(10, "/shm/slow?key=r1&n=10&hold=2"), 30)
+    local answers = ns.collect(first, 30)
+    assert.same({ ["1"] = 10 }, tally(answers, "exec"))
+    assert.same({ ["1"] = 10 }, tally(second, "exec"))
+    assert.equal("1", shm.book(port, "exec:slowr1"))
+  end)
+
   it("max_age: a leader too old is taken over; its result goes to its own caller", function()
     local first = ns.open(port, "/shm/aged?key=a1")
     shm.eventually(function()

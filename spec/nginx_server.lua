@@ -156,8 +156,10 @@ http {
 -- second earlier.
 local MASTER_GUARD = [=[
     if ngx.worker.id() == 0 then
-      ngx.timer.at(@SECS@, function()
-        os.execute("kill -QUIT " .. require("ngx.process").get_master_pid())
+      ngx.timer.at(@SECS@, function(premature)
+        if not premature then -- (premature: this worker exits, on a reload)
+          os.execute("kill -QUIT " .. require("ngx.process").get_master_pid())
+        end
       end)
     end]=]
 

@@ -18,7 +18,9 @@ function M.start(workers)
   lua_shared_dict tiny 12k;
   lua_shared_dict book 1m;
 ]],
-    init = 'shm_app = require "ngx_shm_app"',
+    -- the worker's own safety exit would end a request in flight on a
+    -- reload (its timer fires at once then); the master's guard is enough
+    init = 'shm_app = require "ngx_shm_app"; app.init_worker = function() end',
     servers = [[
   server {
     listen 127.0.0.1:@PORT2@ reuseport;

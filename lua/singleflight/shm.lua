@@ -26,16 +26,17 @@
 --   g<base>        the generation, only after a forget: later callers use
 --                  the next lock, and those waiting on the forgotten
 --                  execution still get its result.
---   s              the dict's change count (its one lasting entry), bumped
---                  whenever a lock is let go.
+--   s              the dict's change count, bumped whenever a lock is let
+--                  go.
 --
 -- A watcher waits on a semaphore. One light thread per worker (while
 -- anyone watches) reads the change count every millisecond and wakes the
 -- watchers whose lock changed; a watcher also wakes when its lock's lease
 -- would run out. Then the result is there, or the leader went away and the
--- first to add the lock again leads. Every entry but the count has an
--- expiry: the dict holds in-flight state only, never a cache. When the
--- dict is full, calls fall back to this worker alone, counted and logged.
+-- first to add the lock again leads. Every entry has an expiry of a few
+-- seconds at most: the dict holds in-flight state only, never a cache.
+-- When the dict is full, calls fall back to this worker alone, counted and
+-- logged.
 
 local core = require "singleflight.core"
 local panic = require "singleflight.panic"
@@ -88,6 +89,7 @@ local RESULT_TTL = 5         -- a result nobody came back for
 local LOG_EVERY = 60
 local CLOSED = 2 ^ 30
 local SEQ = "s"              -- the dict's change count
+local SEQ_TTL = 5
 local MAX_RAW = 240          -- longer bases are hashed
 local REFRESH_AT = 0.8       -- of max_age: see watch
 
@@ -128,10 +130,12 @@ local function own(val)
   return wid ~= nil and wid_pid == ngx.worker.pid() and sub(val, 1, #wid) == wid
 end
 
--- Tells the pollers of every worker that a lock of dict changed.
+-- Tells the pollers of every worker that a lock of dict changed. The
+-- count lives SEQ_TTL seconds; made again, it starts from a value of the
+-- clock, unlike any it had, so that a poller sees the change.
 local function bump(dict)
   if not dict:incr(SEQ, 1) then
-    dict:safe_add(SEQ, 0)
+    dict:safe_add(SEQ, (now() * 1e6) % 2 ^ 40, SEQ_TTL)
     dict:incr(SEQ, 1)
   end
 end
@@ -220,10 +224,8 @@ local function live(rec)
   end
 end
 
-local schedule
-
-local function tick(premature)
-  renewing = false
+-- One round of renewals.
+local function renew()
   local at, collect, swept = now(), false, false
   for token, rec in pairs(leading) do
     local dict = rec.dict
@@ -265,18 +267,32 @@ local function tick(premature)
     last_collect = at
     collectgarbage()
   end
-  if not premature and next(leading) then
-    schedule()
+end
+
+local renew_warned = false
+
+-- The renewals: one light thread per worker (a timer) while it leads. It
+-- goes on through a graceful shutdown (a reload): a lead that finishes
+-- there keeps its lease to the end.
+local function renewer()
+  while next(leading) do
+    ngx_sleep(RENEW)
+    local ok, e = pcall(renew)
+    if not ok and not renew_warned then
+      renew_warned = true
+      ngx_log(WARN, "singleflight: renewing shm leases failed: ", tostring(e))
+    end
   end
+  renewing = false
 end
 
 local timer_warned = false
 
-function schedule()
+local function schedule()
   if renewing then
     return
   end
-  local ok, started, err = pcall(ngx.timer.at, RENEW, tick)
+  local ok, started, err = pcall(ngx.timer.at, 0, renewer)
   if ok and started then
     renewing = true
   elseif not timer_warned then
