@@ -315,6 +315,24 @@ describe("shm across four nginx workers", function()
     assert.equal(1, shm.stats(port, "named").executions)
   end)
 
+  it("a phase that cannot wait gets an error naming the key and the phase", function()
+    local conns = {}
+    for i = 1, 8 do
+      conns[i] = ns.open(port, "/shm/slow?key=lp1&n=8&hold=1")
+    end
+    shm.eventually(function()
+      return tonumber(shm.book(port, "arrived:slowlp1")) == 8
+    end, "the callers")
+    -- from every worker, several times: each finds the key in flight
+    for _ = 1, 8 do
+      assert.equal(200, ns.get(port, "/log_phase?key=lp1").status)
+    end
+    local e = shm.book(port, "log_phase:lp1")
+    assert.matches('singleflight: cannot wait for key "lp1"', e, 1, true)
+    assert.matches("'log' cannot yield", e, 1, true)
+    assert.same({ ["1"] = 8 }, tally(ns.collect(conns, 10), "exec"))
+  end)
+
   it("a bad shm option is an error at new naming it", function()
     local a = ns.get(port, "/shm/bad_options")
     assert.matches([[bad option 'shm' to 'new' (no lua_shared_dict named "nope")]],

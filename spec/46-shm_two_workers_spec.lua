@@ -102,4 +102,12 @@ describe("shm across two nginx workers", function()
     assert.equal("2", shm.book(port, "exec:goneg1"))
     ns.get(port, "/shm/set?key=release:gone")
   end)
+
+  it("holds nothing once the calls are over: the dict is no cache", function()
+    ns.batch(port, times(50, "/shm/stampede?key=s2&n=50"), 30)
+    -- every entry expires within seconds of its last use
+    shm.eventually(function()
+      return shm.entries(port, "") == 0
+    end, "an empty dict", 15)
+  end)
 end)

@@ -361,6 +361,13 @@ function handlers.stats(args)
   reply(sum)
 end
 
+--- log_by_lua: a call on a key in flight, where nothing can wait
+function app.log_phase()
+  local key = ngx.var.arg_key or "lp"
+  local ok, e = pcall(groups.slow.call, groups.slow, key, function() return "ran" end)
+  book:set("log_phase:" .. key, ok and ("returned " .. tostring(e)) or tostring(e))
+end
+
 function app.content()
   local name = ngx.var.uri:match("^/shm/([%w_]+)$")
   local h = name and handlers[name]

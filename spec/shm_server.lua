@@ -26,6 +26,10 @@ function M.start(workers)
     listen 127.0.0.1:@PORT2@ reuseport;
     lua_check_client_abort on;
     location /shm/ { content_by_lua_block { shm_app.content() } }
+    location = /log_phase {
+      content_by_lua_block { ngx.say("logged") }
+      log_by_lua_block { shm_app.log_phase() }
+    }
   }
 ]],
   }))
