@@ -274,16 +274,20 @@ local renew_warned = false
 -- The renewals: one light thread per worker (a timer) while it leads. It
 -- goes on through a graceful shutdown (a reload): a lead that finishes
 -- there keeps its lease to the end.
-local function renewer()
+local function renewals()
   while next(leading) do
     ngx_sleep(RENEW)
-    local ok, e = pcall(renew)
-    if not ok and not renew_warned then
-      renew_warned = true
-      ngx_log(WARN, "singleflight: renewing shm leases failed: ", tostring(e))
-    end
+    renew()
   end
+end
+
+local function renewer()
+  local ok, e = pcall(renewals)
   renewing = false
+  if not ok and not renew_warned then -- the next lead starts it again
+    renew_warned = true
+    ngx_log(WARN, "singleflight: renewing shm leases failed: ", tostring(e))
+  end
 end
 
 local timer_warned = false
@@ -473,11 +477,7 @@ local new_sema
 local watchers, nwatchers, polling = {}, 0, false
 local seen = setmetatable({}, { __mode = "k" }) -- dict -> its last count
 
-local function poller(premature)
-  if premature then
-    polling = false
-    return
-  end
+local function poll()
   local moved = {}
   while nwatchers > 0 do
     local at = now()
@@ -501,6 +501,12 @@ local function poller(premature)
       end
     end
     ngx_sleep(POLL)
+  end
+end
+
+local function poller(premature)
+  if not premature then
+    pcall(poll) -- (watchers wake on their own meanwhile; the next starts it)
   end
   polling = false
 end
