@@ -301,6 +301,27 @@ describe("shm across four nginx workers", function()
     assert.matches("^exec 1 by", ns.collect({ first }, 10)[1].fields.value)
   end)
 
+  it("timeout = 0: a caller that finds the key free leads for the instance", function()
+    for _, mode in ipairs { "", "&run=1" } do
+      local key = mode == "" and "z1" or "z2"
+      local name = mode == "" and "zero" or "zero_run"
+      local first = ns.open(port, "/shm/short?zero=1&key=" .. key .. mode)
+      shm.eventually(function()
+        return shm.book(port, "exec:" .. name .. key) ~= nil
+      end, "the first execution")
+      local answers = ns.batch(port, times(10, "/shm/short?zero=1&key=" .. key .. mode), 30)
+      for _, a in ipairs(answers) do
+        assert.is_true(tonumber(a.fields.waited_ms) < 500)
+        if mode == "" then -- none waits
+          assert.equal("singleflight: wait timed out", a.fields.err)
+        else -- each runs fn itself
+          assert.not_equal("exec 1", a.fields.value:match("^exec %d+"))
+        end
+      end
+      assert.matches("^exec 1 by", ns.collect({ first }, 10)[1].fields.value)
+    end
+  end)
+
   it("g:start and f:wait work across workers", function()
     local answers = ns.batch(port, times(40, "/shm/start?key=st1&n=40"), 30)
     assert.same({ ["1"] = 40 }, tally(answers, "exec"))

@@ -26,6 +26,8 @@ local groups = {
   tiny = singleflight.new { shm = "tiny" },
   short = singleflight.new { shm = "sf", timeout = 0.2 },
   short_run = singleflight.new { shm = "sf", timeout = 0.2, on_timeout = "run" },
+  zero = singleflight.new { shm = "sf", timeout = 0 },
+  zero_run = singleflight.new { shm = "sf", timeout = 0, on_timeout = "run" },
   start = singleflight.new { shm = "sf" },
   named = singleflight.group("named", { shm = "sf" }),
   -- the same stampede, with one group per worker: the comparison
@@ -276,11 +278,11 @@ function handlers.tiny(args)
           leader = ok and v.pid or "" }
 end
 
---- timeout = 0.2 (with run=1: on_timeout = "run"); the first execution
--- holds 1 s
+--- timeout = 0.2 (with run=1: on_timeout = "run"; with zero=1, timeout =
+-- 0); the first execution holds 1 s
 function handlers.short(args)
   local key = args.key or "t"
-  local name = args.run and "short_run" or "short"
+  local name = (args.zero and "zero" or "short") .. (args.run and "_run" or "")
   arrive(name, key)
   local t0 = now()
   local v, err, shared = groups[name]:call(key, function()

@@ -654,9 +654,10 @@ local function step(self, t, ctx, fn, ...)
   local counts = t.counts
   counts.steps = counts.steps + 1
   local late = ctx.deadline and now() >= ctx.deadline
-  if late and t.opts.on_timeout == "run" then
+  if late and t.opts.on_timeout == "run" and t.opts.timeout > 0 then
     -- a local waiter that gave up (the flow runs it unshared), or a
-    -- take-over past the deadline: fn, for this worker
+    -- take-over past the deadline: fn, for this worker (with timeout = 0,
+    -- a caller that finds the key free still leads for the instance)
     return run_here(t, ctx, fn, ...)
   end
   local dict, base, check = t.dict, ctx.base, ctx.check
