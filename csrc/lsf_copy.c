@@ -311,12 +311,15 @@ static int tostring_protected(lua_State *L) {
  * kind, or XF_FAIL with b->bad set. */
 static int xencode_outcome(lua_State *L, xbuf *b, int ok, int a, int bi) {
   int top = lua_gettop(L);
+  size_t start = b->len; /* what the caller put before: kept */
   xencode(L, b, a, 0);
   if (b->bad && !ok) {
     size_t len;
     const char *s;
-    xfree_payload(b);
-    xinit(b);
+    b->len = start; /* the value again, as its text */
+    b->bad = NULL;
+    b->seen = 0;
+    b->ntables = 0;
     lua_pushcfunction(L, tostring_protected);
     lua_pushvalue(L, a);
     if (lua_pcall(L, 1, 1, 0) != 0 || lua_type(L, -1) != LUA_TSTRING) {
