@@ -245,4 +245,55 @@ describe("Redis fleet", function()
     a = ns.get(i3.port, "/forget?rport=" .. redis.port .. "&prefix=f:&key=forget", GUARD)
     assert.equal("false", a.fields.forgot)
   end)
+
+  -- The whole stack: singleflight.new { shm = ..., redis = ... } on every
+  -- instance, each with two workers.
+  local function group_path(q)
+    local parts = { "rport=" .. redis.port }
+    for k, v in pairs(q) do
+      parts[#parts + 1] = k .. "=" .. url_escape(tostring(v))
+    end
+    return "/group?" .. table.concat(parts, "&")
+  end
+
+  local function group_stampede(per, q)
+    local conns = {}
+    for _ = 1, per do
+      for _, inst in ipairs(fleet.instances) do
+        conns[#conns + 1] = ns.open(inst.port, group_path(q))
+      end
+    end
+    local answers = ns.collect(conns, GUARD)
+    for _, a in ipairs(answers) do
+      assert.equal(200, a.status, a.raw or a.body)
+    end
+    return answers
+  end
+
+  it("g:call with shm and redis: one execution over every worker of every instance", function()
+    local answers = group_stampede(8, { key = "whole", prefix = "g:" })
+    assert.equal(1, (fleet.executions("whole")))
+    local by
+    for _, a in ipairs(answers) do
+      assert.equal("true", a.fields.ok)
+      assert.equal("v", a.fields.value)
+      assert.equal("second", a.fields.err)
+      assert.equal("1,2,3", a.fields.list)
+      by = by or a.fields.by
+      assert.equal(by, a.fields.by) -- one instance's table, copied everywhere
+    end
+    -- a later stampede is a new execution
+    group_stampede(2, { key = "whole", prefix = "g:" })
+    assert.equal(2, (fleet.executions("whole")))
+  end)
+
+  it("g:call with shm and redis: a panic reaches every instance as a panic", function()
+    local answers = group_stampede(3, { key = "gpanic", mode = "panic", prefix = "g:" })
+    assert.equal(1, (fleet.executions("gpanic")))
+    for _, a in ipairs(answers) do
+      assert.equal("false", a.fields.ok)
+      assert.equal("true", a.fields.panic)
+      assert.equal("42", a.fields.code)
+    end
+  end)
 end)

@@ -82,4 +82,16 @@ describe("redis settings", function()
     assert.is_false(ok)
     assert.truthy(err:find("needs OpenResty", 1, true), err)
   end)
+
+  it("the redis option of new: outside OpenResty an error naming the option", function()
+    if rawget(_G, "ngx") then
+      return
+    end
+    local singleflight = require "singleflight"
+    for _, opts in ipairs { { redis = { port = 6379 } }, { redis = {}, shm = "x" } } do
+      local ok, err = pcall(singleflight.new, opts)
+      assert.is_false(ok)
+      assert.matches("bad option '%a+' to 'new'", err)
+    end
+  end)
 end)

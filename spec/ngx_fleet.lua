@@ -104,6 +104,47 @@ function handlers.run(args)
   reply(out)
 end
 
+-- /group?key=&rport=...: a g:call of singleflight.new { shm, redis }, the
+-- whole stack (callers wait in their worker, one per worker on the shm
+-- tier, one per instance on Redis); fn appends to the count file as /run's
+-- produce does.
+local singleflight = require "singleflight"
+local groups = {}
+
+function handlers.group(args)
+  local id = (args.rport or "") .. "|" .. (args.prefix or "")
+  local g = groups[id]
+  if not g then
+    g = singleflight.new { shm = "fleet_group", redis = {
+      port = tonumber(args.rport), prefix = args.prefix, lease = 1,
+    } }
+    groups[id] = g
+  end
+  local key, pause = args.key, tonumber(args.sleep) or 0.2
+  local ok, v, err, shared = pcall(g.call, g, key, function()
+    local cf = assert(io.open(count_file, "a"))
+    cf:write(key, " ", name, " ", ngx.worker.pid(), "\n")
+    cf:close()
+    ngx.sleep(pause)
+    if args.mode == "panic" then
+      error({ code = 42, by = name })
+    end
+    return { value = "v", by = name, list = { 1, 2, { 3 } } }, "second"
+  end)
+  local st = g:stats()
+  local out = { instance = name, ok = ok, fleet_leads = st.fleet_leads,
+                fleet_waits = st.fleet_waits }
+  if ok then
+    out.value, out.by, out.err, out.shared = v.value, v.by, err, shared
+    out.list = v.list[1] .. "," .. v.list[2] .. "," .. v.list[3][1]
+  else
+    out.panic = singleflight.is_panic(v)
+    out.code, out.by = type(v.value) == "table" and v.value.code, type(v.value) == "table"
+                       and v.value.by
+  end
+  reply(out)
+end
+
 function handlers.forget(args)
   local f, prefix = fleet_of(args)
   local was, err = f:forget(args.key)

@@ -288,6 +288,7 @@ http {
   lua_package_path "@LPATH@;;";
   lua_package_cpath "@ROOT@/build/jit/?.so;;";
   lua_shared_dict fleet_spec 1m;
+  lua_shared_dict fleet_group 1m;
 
   init_by_lua_block {
     fleet_app = require "ngx_fleet"

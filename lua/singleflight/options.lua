@@ -101,9 +101,18 @@ function M.check(fname, argn, opts)
     elseif k == "shm" then
       check_shm(fname, v)
       o.shm = v
+    elseif k == "redis" then
+      if not backends.in_openresty() then
+        option_error(fname, "redis", "needs OpenResty, and shm beside it")
+      end
+      o.redis = require("singleflight.redis").check(v, fname, 2)
     else
       error(sfmt("bad option '%s' to '%s' (unknown option)", tostring(k), fname), 3)
     end
+  end
+  if o.redis and not o.shm then
+    option_error(fname, "redis", "needs shm beside it: a fleet is deduplicated "
+                 .. "within each instance first")
   end
   return o
 end

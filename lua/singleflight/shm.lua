@@ -334,6 +334,58 @@ local function packed(ok, v, err)
   return bad, F_UNCROSSABLE
 end
 
+-- Across a fleet (the redis option), the outcome travels as one string:
+-- "P" and the payload, or "U" and the type that could not cross.
+local function fleet_bytes(ok, v, err)
+  local value, flags = packed(ok, v, err)
+  return (flags == F_PAYLOAD and "P" or "U") .. value
+end
+
+-- What another instance's outcome gives here: ok, v, err as fn would, or
+-- false and the panic.
+local function from_fleet(bytes, skey)
+  local kind, rest = sub(bytes, 1, 1), sub(bytes, 2)
+  if kind == "U" then
+    return false, sfmt("singleflight: result for key %s cannot cross instances (%s)",
+                       quote(skey), rest)
+  end
+  local okd, ok, a, b = pcall(decode, rest)
+  if not okd then
+    return false, "singleflight: corrupt result from another instance for key "
+                  .. quote(skey)
+  end
+  if ok then
+    return true, a, b
+  end
+  return false, crossed_panic(a, b, skey)
+end
+
+-- Runs fn for the instance: itself, or, with a fleet, as the fleet's one
+-- execution of the key (another instance's outcome, decoded, when it led).
+local function run_lead(t, rec, skey, fn, ...)
+  local fleet = t.fleet
+  if not fleet then
+    return lead_frame(rec, fn, ...)
+  end
+  local ran, ok, v, err = false, nil, nil, nil
+  local n, args = select("#", ...), { ... }
+  local bytes, how = fleet:outcome(skey, function()
+    ran = true
+    ok, v, err = lead_frame(rec, fn, unpack(args, 1, n))
+    if not ok and not is_panic(v) then -- the handler failed: a bare value
+      v = new_panic(v)
+    end
+    return fleet_bytes(ok, v, err)
+  end)
+  local counts = t.counts
+  counts["fleet_" .. how] = counts["fleet_" .. how] + 1
+  if ran then
+    return ok, v, err
+  end
+  counts.fnruns = counts.fnruns - 1 -- another instance ran it
+  return from_fleet(bytes, skey)
+end
+
 local function store(t, rkey, value, flags)
   local ok, why = t.dict:safe_set(rkey, value, RESULT_TTL, flags)
   if not ok then -- the watchers run fn themselves
@@ -387,7 +439,7 @@ local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
     counts.takeovers = counts.takeovers + 1
   end
   ctx.ran = true
-  local ok, v, err = lead_frame(rec, fn, ...)
+  local ok, v, err = run_lead(t, rec, ctx.skey, fn, ...)
   leading[token] = nil
   if not ok and not is_panic(v) then -- the handler failed: a bare value
     v = new_panic(v)
@@ -841,6 +893,10 @@ methods.stats = function(self)
     st.panics = st.panics - c.remote_panics
     st.leads, st.waits, st.takeovers, st.fallbacks =
       c.leads, c.waits, c.takeovers, c.fallbacks
+    if t.fleet then -- this worker's leads, across the fleet
+      st.fleet_leads, st.fleet_waits, st.fleet_fallbacks =
+        c.fleet_led, c.fleet_waited, c.fleet_fallback
+    end
   end
   return st
 end
@@ -952,8 +1008,10 @@ function M.attach(g, o, name)
     ns = name and ("=" .. #name .. ":" .. name) or "-",
     be = o.backend ~= "auto" and resolve(o.backend) or nil,
     counts = { leads = 0, waits = 0, takeovers = 0, fallbacks = 0, steps = 0,
-               fnruns = 0, dups = 0, remote_panics = 0 },
+               fnruns = 0, dups = 0, remote_panics = 0,
+               fleet_led = 0, fleet_waited = 0, fleet_fallback = 0 },
     current = setmetatable({}, { __mode = "v" }),
+    fleet = o.redis and require("singleflight.redis").new(o.redis) or nil,
   }
 end
 
