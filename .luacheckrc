@@ -5,4 +5,5 @@ files["spec"] = { std = "+busted" }
 files["lua/singleflight/backend/ngx.lua"] = { std = "ngx_lua" }
 files["spec/ngx_*.lua"] = { std = "ngx_lua" }
 files["tools/demo_app.lua"] = { std = "ngx_lua" }
+files["tools/demo_fleet_app.lua"] = { std = "ngx_lua" }
 files["lua/singleflight/redis.lua"] = { std = "ngx_lua" }

@@ -7,6 +7,10 @@
 #   make demo       the OpenResty stampede: a throwaway nginx and wrk, with
 #                   and without singleflight (CLIENTS=, DURATION=,
 #                   UPSTREAM_MS=, UPSTREAM_SLOTS=, WORKERS=)
+#   make demo-fleet the stampede across a fleet: a throwaway redis-server
+#                   and three nginx instances, with a group per instance
+#                   (shm) and with shm + redis (STAMPEDE=, STAMPEDES=,
+#                   ORIGIN_MS=, INSTANCES=, WORKERS=)
 #   make bench      the numbers of BENCHMARKS.md
 
 LUA_VERSIONS ?= 5.1 5.2 5.3 5.4 jit
@@ -42,7 +46,7 @@ CHECK_EXTRA :=
 -include $(sort $(wildcard mk/*.mk))
 
 .PHONY: all build test deps bench-deps check specs lint rockspec-check \
-        demo bench clean
+        demo demo-fleet bench clean
 
 build: $(MODULES)
 
@@ -76,6 +80,9 @@ rockspec-check:
 demo: deps build
 	@sh tools/deps.sh $(DEMO_PKGS) || true
 	@BUILD=$(BUILD) sh tools/demo.sh
+
+demo-fleet: deps build
+	@BUILD=$(BUILD) sh tools/demo_fleet.sh
 
 bench: bench-deps build
 	@sh bench/run.sh
