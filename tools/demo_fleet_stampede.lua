@@ -222,7 +222,8 @@ for _, m in ipairs(MODES) do
   failed = failed + results[m.mode].failed
 end
 if fallbacks > 0 then
-  print(("  (%d fleet call(s), warm-up included, found Redis unusable and ran in their instance)"):format(fallbacks))
+  print(("  (%d fleet call(s), warm-up included, found Redis unusable and ran in their"
+         .. " instance)"):format(fallbacks))
 end
 if failed > 0 then
   print(("  (%d request(s) failed)"):format(failed))
