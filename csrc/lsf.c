@@ -182,6 +182,12 @@ static void check_fn(lua_State *L, int idx, int level, int arg,
 static int push_group_protected(lua_State *L) {
   sf_group *g = (sf_group *)lua_touserdata(L, 1);
   lsf_group *ug = (lsf_group *)lua_newuserdata(L, sizeof *ug);
+#if LUA_VERSION_NUM < 502
+  lua_newtable(L); /* no options yet: on 5.1 an env must be a table */
+#else
+  lua_pushnil(L); /* no options yet */
+#endif
+  lsf_setuservalue(L, -2);
   ug->tag = &lsf_group_tag;
   ug->tiered = 0;
   ug->g = NULL;
@@ -858,6 +864,28 @@ static int lsf_running_guard(lua_State *L) {
   return 1;
 }
 
+/* options(g) -> the handle's options, or nil; options(g, t) sets them.
+ * They live in the handle (its user value), not in a weak table the
+ * collector would walk at every cycle. */
+static int lsf_options(lua_State *L) {
+  if (!test_group(L, 1))
+    return 0;
+  if (lua_gettop(L) >= 2) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    lsf_setuservalue(L, 1);
+    return 0;
+  }
+  lsf_getuservalue(L, 1);
+  if (lua_type(L, -1) != LUA_TTABLE)
+    return 0;
+  lua_pushnil(L);
+  if (!lua_next(L, -2)) /* empty: the stand-in of 5.1 */
+    return 0;
+  lua_pop(L, 2);
+  return 1;
+}
+
 /* set_tiered(g): the group's calls go through a tier above this state
  * (see singleflight.shm): run and acquire say TIERED but with ACQ_LOCAL. */
 static int lsf_set_tiered(lua_State *L) {
@@ -909,6 +937,7 @@ static const luaL_Reg functions[] = {
   {"watch", lsf_watch},
   {"guard", lsf_running_guard},
   {"set_tiered", lsf_set_tiered},
+  {"options", lsf_options},
 #if LSF_HAVE_PCALLK
   {"run", lsf_run},
   {"rerun", lsf_rerun},

@@ -11,6 +11,8 @@
 #if LUA_VERSION_NUM < 502
 /* 5.1 and LuaJIT */
 #define lsf_rawlen(L, i) lua_objlen((L), (i))
+#define lsf_setuservalue(L, i) lua_setfenv((L), (i))
+#define lsf_getuservalue(L, i) lua_getfenv((L), (i))
 #define LSF_HAVE_PCALLK 0
 #define lua_absindex(L, i) \
   ((i) > 0 || (i) <= LUA_REGISTRYINDEX ? (i) : lua_gettop(L) + (i) + 1)
@@ -49,6 +51,14 @@ static inline const char *lsf_tolstring(lua_State *L, int idx, size_t *len) {
   return lua_tolstring(L, -1, len);
 }
 #define luaL_tolstring(L, i, len) lsf_tolstring((L), (i), (len))
+#endif
+
+#if LUA_VERSION_NUM >= 504
+#define lsf_setuservalue(L, i) lua_setiuservalue((L), (i), 1)
+#define lsf_getuservalue(L, i) lua_getiuservalue((L), (i), 1)
+#elif LUA_VERSION_NUM >= 502
+#define lsf_setuservalue(L, i) lua_setuservalue((L), (i))
+#define lsf_getuservalue(L, i) lua_getuservalue((L), (i))
 #endif
 
 #if LUA_VERSION_NUM >= 502

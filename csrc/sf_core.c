@@ -35,7 +35,8 @@
 #define SF_CACHE_LINE 64
 #define SF_REG_MIN 64          /* buckets of the registry, at least */
 
-/* 112 bytes on LP64, the key included when it fits in the record. */
+/* 104 bytes on LP64 (a 112-byte malloc chunk), the key included when it
+ * fits in the record. */
 struct sf_call {
   sf_call *next;         /* bucket chain, or free list */
   sf_group *group;
@@ -43,7 +44,7 @@ struct sf_call {
   uintptr_t owner;       /* the leader's */
   void *payload;
   sf_free_fn freefn;
-  double started;        /* sf_coarse_now() at acquire */
+  uint32_t started;      /* coarse milliseconds at acquire (wrapping) */
   uint32_t len;          /* keys of 4 GiB and more are refused */
   uint32_t hash;         /* picks the shard (top bits) and the bucket */
   uint32_t refs;         /* leader + every joiner */
@@ -109,6 +110,11 @@ static void shard_unlock(const sf_group *g, sf_shard *sh) {
 
 static char *call_key(sf_call *c) {
   return c->len > SF_INLINE_KEY ? c->k.heap : c->k.inl;
+}
+
+/* The coarse clock in milliseconds, modulo 2^32 (ages up to 49 days). */
+static uint32_t coarse_ms(void) {
+  return (uint32_t)(uint64_t)(sf_coarse_now() * 1000.0);
 }
 
 static uint64_t rotl64(uint64_t x, int r) {
@@ -547,7 +553,7 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   c->owner = owner;
   c->payload = NULL;
   c->freefn = NULL;
-  c->started = sf_coarse_now();
+  c->started = coarse_ms();
   c->refs = 1;
   c->dups = c->nlocal = c->foreign = 0;
   c->state = SF_RUNNING;
@@ -640,7 +646,8 @@ int sf_state(sf_call *c) {
 }
 
 double sf_age(sf_call *c) {
-  return sf_coarse_now() - c->started; /* set once, before any joiner */
+  /* set once, before any joiner; unsigned arithmetic survives the wrap */
+  return (double)(uint32_t)(coarse_ms() - c->started) * 1e-3;
 }
 
 void sf_set_owner(sf_call *c, uintptr_t owner) {

@@ -50,8 +50,17 @@ local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 
 local M = { TIMEOUT = TIMEOUT }
 
--- handle -> its options
-local opts_of = setmetatable({}, { __mode = "k" })
+-- handle -> its options, kept in the handle itself (a weak table of
+-- handles would be walked by the collector at every cycle)
+local core_options = core.options
+local opts_of = setmetatable({}, {
+  __index = function(_, g)
+    return core_options(g)
+  end,
+  __newindex = function(_, g, o)
+    core_options(g, o)
+  end,
+})
 M.opts_of = opts_of
 
 ---------------------------------------------------------------------------
