@@ -64,21 +64,22 @@ end
 describe("Redis fleet", function()
   local redis, fleet
 
-  -- /run on instance i of the fleet, with the query `q` (a table).
-  local function path(q)
+  -- /run (or /`endpoint`) on an instance of the fleet, with the query `q`
+  -- (a table).
+  local function path(q, endpoint)
     local parts = { "rport=" .. redis.port }
     for k, v in pairs(q) do
       parts[#parts + 1] = k .. "=" .. url_escape(tostring(v))
     end
-    return "/run?" .. table.concat(parts, "&")
+    return "/" .. (endpoint or "run") .. "?" .. table.concat(parts, "&")
   end
 
   -- `per` requests on each instance at once, all with the query q.
-  local function stampede(per, q)
+  local function stampede(per, q, endpoint)
     local conns = {}
     for _ = 1, per do
       for _, inst in ipairs(fleet.instances) do
-        conns[#conns + 1] = ns.open(inst.port, path(q))
+        conns[#conns + 1] = ns.open(inst.port, path(q, endpoint))
       end
     end
     local answers = ns.collect(conns, GUARD)
@@ -248,26 +249,8 @@ describe("Redis fleet", function()
 
   -- The whole stack: singleflight.new { shm = ..., redis = ... } on every
   -- instance, each with two workers.
-  local function group_path(q)
-    local parts = { "rport=" .. redis.port }
-    for k, v in pairs(q) do
-      parts[#parts + 1] = k .. "=" .. url_escape(tostring(v))
-    end
-    return "/group?" .. table.concat(parts, "&")
-  end
-
   local function group_stampede(per, q)
-    local conns = {}
-    for _ = 1, per do
-      for _, inst in ipairs(fleet.instances) do
-        conns[#conns + 1] = ns.open(inst.port, group_path(q))
-      end
-    end
-    local answers = ns.collect(conns, GUARD)
-    for _, a in ipairs(answers) do
-      assert.equal(200, a.status, a.raw or a.body)
-    end
-    return answers
+    return stampede(per, q, "group")
   end
 
   it("g:call with shm and redis: one execution over every worker of every instance", function()
