@@ -3,7 +3,8 @@
 #   make            build singleflight.core for every Lua found
 #   make test       install what the tests need (Debian, as root), then run
 #                   the specs on every Lua version, luacheck, the C tests,
-#                   the sanitizers and valgrind
+#                   the sanitizers and valgrind, and the specs again with
+#                   the garbage collector at its most aggressive
 #   make demo       the OpenResty stampede: a throwaway nginx and wrk, with
 #                   and without singleflight (CLIENTS=, DURATION=,
 #                   UPSTREAM_MS=, UPSTREAM_SLOTS=, WORKERS=)

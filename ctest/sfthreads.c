@@ -15,6 +15,9 @@
  *   sfthreads.sleep(seconds)
  *   sfthreads.lightuserdata(n) -> the light userdata for address n
  *
+ * With SINGLEFLIGHT_GC_TORTURE set when a thread is spawned, its state's
+ * collector runs as spec/gc_torture.lua sets the spec run's.
+ *
  * Values that cross (spawn arguments, join results, channel messages) are
  * copied: nil, booleans, numbers, strings, light userdata, tables of these
  * (trees: no cycles) and the shared objects above, which cross by
@@ -603,6 +606,7 @@ typedef struct sft_thread {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int done, ok;
+  int gc_mode;                 /* GC_* */
   char *src, *path, *cpath;
   size_t srclen;
   buf args, out;
@@ -655,11 +659,52 @@ static int thread_msgh(lua_State *L) {
   return 1;
 }
 
+/* The collector's modes; the numbers are spec/gc_torture.lua's, which says
+ * what they do and why they are these. */
+enum { GC_NORMAL, GC_TORTURE, GC_FULL };
+
+static int gc_mode_from_env(void) {
+  const char *m = getenv("SINGLEFLIGHT_GC_TORTURE");
+  if (!m || !*m || strcmp(m, "0") == 0)
+    return GC_NORMAL;
+  return strcmp(m, "full") == 0 ? GC_FULL : GC_TORTURE;
+}
+
+/* Sets L's collector for mode (after luaL_openlibs: LuaJIT is told from
+ * its jit library). */
+static void gc_apply(lua_State *L, int mode) {
+  if (mode == GC_NORMAL)
+    return;
+#if LUA_VERSION_NUM >= 504
+  lua_gc(L, LUA_GCINC, 0, 0, mode == GC_FULL ? 100 : 1);
+  lua_gc(L, LUA_GCSETPAUSE, 0);
+  lua_gc(L, LUA_GCSETSTEPMUL, 1023);
+#else
+  {
+    int jit;
+    lua_getglobal(L, "jit");
+    jit = lua_istable(L, -1);
+    lua_gc(L, LUA_GCSETPAUSE, 0);
+    if (mode == GC_FULL) {
+      lua_gc(L, LUA_GCSETSTEPMUL, jit ? 0 : 1000000000);
+      if (jit) { /* jit.off(): see spec/gc_torture.lua */
+        lua_getfield(L, -1, "off");
+        lua_call(L, 0, 0);
+      }
+    } else {
+      lua_gc(L, LUA_GCSETSTEPMUL, jit ? 300 : 1000);
+    }
+    lua_pop(L, 1);
+  }
+#endif
+}
+
 /* Runs the chunk in L; leaves ok and the results (or the message) in
  * t->out. */
 static void thread_run(lua_State *L, sft_thread *t) {
   int base, nargs, rc;
   luaL_openlibs(L);
+  gc_apply(L, t->gc_mode);
   set_package_field(L, "path", t->path);
   set_package_field(L, "cpath", t->cpath);
   lua_getglobal(L, "package");
@@ -732,6 +777,7 @@ static int thread_spawn(lua_State *L) {
   if (!t)
     return luaL_error(L, "sfthreads: out of memory");
   atomic_init(&t->refs, 1);
+  t->gc_mode = gc_mode_from_env();
   pthread_mutex_init(&t->mu, NULL);
   cond_init(&t->cv);
   box = (thread_box *)lua_newuserdata(L, sizeof *box);

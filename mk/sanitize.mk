@@ -45,8 +45,15 @@ VALGRIND_STRESS_SECONDS ?= 1
 SAN_SPEC_ENV = SINGLEFLIGHT_LUA=lua$(SAN_LUA) SINGLEFLIGHT_LUA_VERSION=$(SAN_LUA)
 SAN_BUSTED = lua$(SAN_LUA) $(BUSTED) -o utfTerminal
 
-.PHONY: sanitize asan tsan valgrind asan-specs asan-stress tsan-specs \
-        tsan-stress valgrind-specs valgrind-stress
+# busted on the ASan build, with the runtime preloaded, before the specs to
+# run (asan-specs here, gc-torture-asan in gctorture.mk); asan-modules
+# builds what it loads.
+ASAN_MODULES = $(BUILD)/asan/$(SAN_LUA)/singleflight/core.so $(BUILD)/asan/$(SAN_LUA)/sfthreads.so
+ASAN_BUSTED = env $(ASAN_ENV) $(SAN_SPEC_ENV) LD_PRELOAD="$(ASAN_RT)" \
+              $(SAN_BUSTED) --cpath="$(BUILD)/asan/$(SAN_LUA)/?.so"
+
+.PHONY: sanitize asan tsan valgrind asan-modules asan-specs asan-stress \
+        tsan-specs tsan-stress valgrind-specs valgrind-stress
 
 sanitize: asan tsan valgrind
 asan: asan-specs asan-stress
@@ -85,10 +92,11 @@ $(CTEST_BUILD)/stress-tsan: ctest/stress.c csrc/sf_core.c csrc/sf_core.h
 
 # ---- runs ----
 
-asan-specs: $(BUILD)/asan/$(SAN_LUA)/singleflight/core.so $(BUILD)/asan/$(SAN_LUA)/sfthreads.so
+asan-modules: $(ASAN_MODULES)
+
+asan-specs: asan-modules
 	@sh ctest/sanitized.sh "specs on Lua $(SAN_LUA) under ASan+UBSan" \
-	  env $(ASAN_ENV) $(SAN_SPEC_ENV) LD_PRELOAD="$(ASAN_RT)" \
-	  $(SAN_BUSTED) --cpath="$(BUILD)/asan/$(SAN_LUA)/?.so" $(ASAN_SPECS)
+	  $(ASAN_BUSTED) $(ASAN_SPECS)
 
 asan-stress: $(CTEST_BUILD)/stress-asan
 	@sh ctest/sanitized.sh "stress test under ASan+UBSan" \

@@ -581,16 +581,16 @@ describe("regression: named groups", function()
     -- C memory (kilobytes each) some times that heap: what the loop
     -- allocates in Lua is a fraction of it, so a collector blind to the
     -- groups' C memory never runs a cycle and every group stays alive.
-    local out = child_ok([[
+    local out = child_ok(([[
       local singleflight = require "singleflight"
       local ballast = {}
-      for i = 1, 50000 do
+      for i = 1, @BALLAST@ do
         ballast[i] = { i }
       end
       collectgarbage()
       collectgarbage()
       local tag = tostring({}):match("0x%x+") or "t"
-      local N = 5000
+      local N = @GROUPS@
       for i = 1, N do
         local h = singleflight.group("dropped:" .. tag .. ":" .. i)
         h:call("k", function() return i end)
@@ -606,8 +606,8 @@ describe("regression: named groups", function()
         h:close()
       end
       io.write(alive, " of ", N, " alive\nok\n")
-      assert(#ballast == 50000)
-    ]])
+      assert(#ballast == @BALLAST@)
+    ]]):gsub("@(%u+)@", { BALLAST = helpers.scale(50000), GROUPS = helpers.scale(5000) }))
     local alive, n = out:match("(%d+) of (%d+) alive")
     assert.is_true(tonumber(alive) <= tonumber(n) / 4, out)
   end)

@@ -183,6 +183,20 @@ function helpers.exit_text(rc)
   return "exited with status " .. tostring(rc)
 end
 
+--- The collector's torture mode for this run ("" when off; see
+-- gc_torture.lua).
+helpers.gc_torture = require("gc_torture").mode()
+
+--- n, or under GC torture a tenth of it (at least 1): for the count of a
+-- loop that is there to repeat something many times, where each round
+-- costs many collections under torture.
+function helpers.scale(n)
+  if helpers.gc_torture == "" then
+    return n
+  end
+  return math.max(1, math.floor(n / 10))
+end
+
 helpers.unpack = unpack
 helpers.lua51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 helpers.lua54 = _VERSION == "Lua 5.4"

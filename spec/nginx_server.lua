@@ -83,6 +83,14 @@ function M.find()
   return found
 end
 
+--- The Lua that gives nginx's collector this run's settings (under GC
+-- torture: gc_torture.lua), for init_by_lua; "" otherwise. The workers
+-- are forks of the state it runs in, and keep them.
+function M.gc_init()
+  local mode = require("gc_torture").mode()
+  return mode == "" and "" or ("require(\"gc_torture\").apply(%q)"):format(mode)
+end
+
 local function free_port()
   local s = assert(socket.bind("127.0.0.1", 0))
   local _, port = s:getsockname()
@@ -113,6 +121,7 @@ http {
   lua_package_cpath "@ROOT@/build/jit/?.so;;";
 
   init_by_lua_block {
+    @GC@
     app = require "ngx_app"
     @INIT@
   }
@@ -216,6 +225,7 @@ function M.start(lifetime, opts)
     NDK = found.ndk, LUA = found.lua, ROOT = found.root, PORT = tostring(port),
     LIFETIME = tostring(lifetime or 120),
     LOGLEVEL = os.getenv("SINGLEFLIGHT_NGINX_LOG") or "warn",
+    GC = M.gc_init(),
     INIT = opts.init or "", INIT_WORKER = opts.init_worker or "",
     HTTP = opts.http or "", SERVERS = servers,
     PROCESSES = opts.workers and processes(opts.workers)

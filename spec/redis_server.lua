@@ -291,6 +291,7 @@ http {
   lua_shared_dict fleet_group 1m;
 
   init_by_lua_block {
+    @GC@
     fleet_app = require "ngx_fleet"
     fleet_app.init("@NAME@", "@COUNT@")
   }
@@ -322,7 +323,7 @@ local function instance(found, name, count_file, opts)
     LOGLEVEL = os.getenv("SINGLEFLIGHT_NGINX_LOG") or "warn",
     NDK = found.ndk, LUA = found.lua, LPATH = lpath, ROOT = found.root,
     NAME = name, COUNT = count_file, LIFETIME = tostring(opts.lifetime or 120),
-    PORT = tostring(port),
+    PORT = tostring(port), GC = ns.gc_init(),
   })
   local f = assert(io.open(prefix .. "/conf/nginx.conf", "w"))
   f:write(conf)
