@@ -15,5 +15,5 @@ if [ "$rc" -ne 0 ] || [ "$reports" -ne 0 ]; then
   exit 1
 fi
 sed 's/\x1b\[[0-9;]*m//g' "$out" |
-  grep -E '^[0-9]+ success|^stress: |^model: |ERROR SUMMARY' || true
+  grep -E '^[0-9]+ success|^stress: |^model: |^lifetime: [0-9]|^lifetime: known|ERROR SUMMARY' || true
 echo "$label: clean"

@@ -1,9 +1,10 @@
-# sanitize.mk: the specs and the C stress test under the sanitizers and
-# valgrind, all part of `make check`. Each fails the build on any report.
+# sanitize.mk: the specs and the C tests (stress, lifetime) under the
+# sanitizers and valgrind, all part of `make check`. Each fails the build on
+# any report.
 #
-#   make asan      specs (Lua 5.4) and stress test under ASan + UBSan
-#   make tsan      thread specs (Lua 5.4) and stress test under TSan
-#   make valgrind  specs (Lua 5.4, VALGRIND_SPECS) and stress test under memcheck
+#   make asan      specs (Lua 5.4) and C tests under ASan + UBSan
+#   make tsan      thread specs (Lua 5.4) and C tests under TSan
+#   make valgrind  specs (Lua 5.4, VALGRIND_SPECS) and C tests under memcheck
 #   make sanitize  all three
 #
 # The module and sfthreads.so are built instrumented into $(BUILD)/asan/5.4
@@ -53,12 +54,13 @@ ASAN_BUSTED = env $(ASAN_ENV) $(SAN_SPEC_ENV) LD_PRELOAD="$(ASAN_RT)" \
               $(SAN_BUSTED) --cpath="$(BUILD)/asan/$(SAN_LUA)/?.so"
 
 .PHONY: sanitize asan tsan valgrind asan-modules asan-specs asan-stress \
-        tsan-specs tsan-stress valgrind-specs valgrind-stress
+        asan-lifetime tsan-specs tsan-stress tsan-lifetime valgrind-specs \
+        valgrind-stress valgrind-lifetime
 
 sanitize: asan tsan valgrind
-asan: asan-specs asan-stress
-tsan: tsan-specs tsan-stress
-valgrind: valgrind-specs valgrind-stress
+asan: asan-specs asan-stress asan-lifetime
+tsan: tsan-specs tsan-stress tsan-lifetime
+valgrind: valgrind-specs valgrind-stress valgrind-lifetime
 
 # ---- instrumented builds ----
 
@@ -90,6 +92,16 @@ $(CTEST_BUILD)/stress-tsan: ctest/stress.c csrc/sf_core.c csrc/sf_core.h
 	@mkdir -p $(dir $@)
 	$(SAN_CC) $(SAN_WARN) $(TSAN_CFLAGS) -Icsrc ctest/stress.c csrc/sf_core.c -o $@ -lpthread
 
+$(CTEST_BUILD)/lifetime-asan: ctest/lifetime.c csrc/sf_core.c csrc/sf_core.h
+	@mkdir -p $(dir $@)
+	$(SAN_CC) $(SAN_WARN) $(ASAN_CFLAGS) -Icsrc ctest/lifetime.c csrc/sf_core.c -o $@ \
+	  -lpthread $(LIFETIME_WRAP)
+
+$(CTEST_BUILD)/lifetime-tsan: ctest/lifetime.c csrc/sf_core.c csrc/sf_core.h
+	@mkdir -p $(dir $@)
+	$(SAN_CC) $(SAN_WARN) $(TSAN_CFLAGS) -Icsrc ctest/lifetime.c csrc/sf_core.c -o $@ \
+	  -lpthread $(LIFETIME_WRAP)
+
 # ---- runs ----
 
 asan-modules: $(ASAN_MODULES)
@@ -102,6 +114,10 @@ asan-stress: $(CTEST_BUILD)/stress-asan
 	@sh ctest/sanitized.sh "stress test under ASan+UBSan" \
 	  env $(ASAN_ENV) $(CTEST_BUILD)/stress-asan $(SAN_STRESS_SECONDS) $(STRESS_THREADS)
 
+asan-lifetime: $(CTEST_BUILD)/lifetime-asan
+	@sh ctest/sanitized.sh "lifetime test under ASan+UBSan" \
+	  env $(ASAN_ENV) $(CTEST_BUILD)/lifetime-asan
+
 tsan-specs: $(BUILD)/tsan/$(SAN_LUA)/singleflight/core.so $(BUILD)/tsan/$(SAN_LUA)/sfthreads.so
 	@sh ctest/sanitized.sh "thread specs on Lua $(SAN_LUA) under TSan" \
 	  env $(TSAN_ENV) $(SAN_SPEC_ENV) LD_PRELOAD="$(TSAN_RT)" $(NO_ASLR) \
@@ -111,6 +127,10 @@ tsan-stress: $(CTEST_BUILD)/stress-tsan
 	@sh ctest/sanitized.sh "stress test under TSan" \
 	  env $(TSAN_ENV) $(NO_ASLR) $(CTEST_BUILD)/stress-tsan $(SAN_STRESS_SECONDS) $(STRESS_THREADS)
 
+tsan-lifetime: $(CTEST_BUILD)/lifetime-tsan
+	@sh ctest/sanitized.sh "lifetime test under TSan" \
+	  env $(TSAN_ENV) $(NO_ASLR) $(CTEST_BUILD)/lifetime-tsan
+
 valgrind-specs: $(BUILD)/$(SAN_LUA)/singleflight/core.so $(BUILD)/$(SAN_LUA)/sfthreads.so
 	@sh ctest/sanitized.sh "specs on Lua $(SAN_LUA) under valgrind memcheck" \
 	  env $(SAN_SPEC_ENV) $(VALGRIND) $(VALGRIND_FLAGS) \
@@ -119,5 +139,9 @@ valgrind-specs: $(BUILD)/$(SAN_LUA)/singleflight/core.so $(BUILD)/$(SAN_LUA)/sft
 valgrind-stress: $(CTEST_BUILD)/stress
 	@sh ctest/sanitized.sh "stress test under valgrind memcheck" \
 	  $(VALGRIND) $(VALGRIND_FLAGS) $(CTEST_BUILD)/stress $(VALGRIND_STRESS_SECONDS) $(STRESS_THREADS)
+
+valgrind-lifetime: $(CTEST_BUILD)/lifetime
+	@sh ctest/sanitized.sh "lifetime test under valgrind memcheck" \
+	  $(VALGRIND) $(VALGRIND_FLAGS) $(CTEST_BUILD)/lifetime
 
 CHECK_EXTRA += sanitize

@@ -4,8 +4,12 @@
 #                  own lua_State, for the specs (spec/2x-*_spec.lua); built
 #                  next to singleflight.core for every Lua version
 #   stress         a C stress test of the core alone (ctest/stress.c)
+#   lifetime       a deterministic C test of the core's lifetime protocol
+#                  (ctest/lifetime.c), its allocations counted through
+#                  the linker's --wrap
 #
 #   make stress    runs it: STRESS_SECONDS, STRESS_THREADS, STRESS_SEED
+#   make lifetime  runs it
 
 # The fragments are read before the Makefile's first rule: keep `make`
 # meaning `make all`.
@@ -15,7 +19,10 @@ STRESS_THREADS ?= 8
 THREADS_MODULES := $(foreach v,$(LUA_VERSIONS),$(BUILD)/$v/sfthreads.so)
 CTEST_BUILD ?= $(BUILD)/ctest
 
-.PHONY: test-helpers stress
+# lifetime.c counts (and fails on demand) the core's allocations.
+LIFETIME_WRAP = -Wl,--wrap=malloc,--wrap=calloc,--wrap=aligned_alloc,--wrap=free
+
+.PHONY: test-helpers stress lifetime
 
 test-helpers: $(THREADS_MODULES)
 specs: $(THREADS_MODULES)
@@ -34,4 +41,11 @@ $(CTEST_BUILD)/stress: ctest/stress.c csrc/sf_core.c csrc/sf_core.h
 stress: $(CTEST_BUILD)/stress
 	@$(CTEST_BUILD)/stress $(STRESS_SECONDS) $(STRESS_THREADS)
 
-CHECK_EXTRA += stress
+$(CTEST_BUILD)/lifetime: ctest/lifetime.c csrc/sf_core.c csrc/sf_core.h
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(OPT) -Icsrc ctest/lifetime.c csrc/sf_core.c -o $@ -lpthread $(LIFETIME_WRAP)
+
+lifetime: $(CTEST_BUILD)/lifetime
+	@$(CTEST_BUILD)/lifetime
+
+CHECK_EXTRA += stress lifetime
