@@ -497,9 +497,10 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   hash = hash_bytes(key, len);
   sh = shard_of(g, hash);
   shard_lock(g, sh);
-  if (flags & SF_ACQ_COUNT_CALL)
-    stat_add(sh, SF_STAT_CALLS);
   c = table_find(sh, hash, key, len);
+  /* counted unless out of memory below, where nothing changes */
+  if ((c || (flags & SF_ACQ_JOIN_ONLY)) && (flags & SF_ACQ_COUNT_CALL))
+    stat_add(sh, SF_STAT_CALLS);
   if (!c && (flags & SF_ACQ_JOIN_ONLY)) {
     shard_unlock(g, sh);
     return SF_ABSENT;
@@ -558,6 +559,8 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   c->dups = c->nlocal = c->foreign = 0;
   c->state = SF_RUNNING;
   c->linked = 1;
+  if (flags & SF_ACQ_COUNT_CALL)
+    stat_add(sh, SF_STAT_CALLS);
   c->expired = 0;
   c->next = *bucket_of(sh, hash);
   *bucket_of(sh, hash) = c;

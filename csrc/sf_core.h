@@ -131,7 +131,9 @@ void sf_set_owner(sf_call *c, uintptr_t owner);
  * A call still running is taken from its key as if abandoned, though its
  * leader goes on: waiters are told SF_ABANDONED (and take over), later
  * callers start afresh, and what the leader finishes with reaches no one
- * but itself (sf_finish then reports no waiters). Counted as abandoned.
+ * but itself: sf_finish_ex then reports no foreign waiters and says the
+ * call expired (the same-state waiters it reports in nlocal are to take
+ * over). Counted as abandoned.
  * Returns 1 if it did so, 0 if the call had ended or expired already.
  */
 int sf_expire(sf_call *c);

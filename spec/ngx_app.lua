@@ -275,6 +275,9 @@ function handlers.kill_then_call(args)
   local leading = g:stats().executions == before.executions + 1
   local killed = ngx.thread.kill(co) and true or false
   co = nil -- luacheck: ignore 311 (dropped: the collector sees it go)
+  if args.collect then -- one cycle before anyone waits
+    collectgarbage()
+  end
   local out = { leading = leading, killed = killed }
   if args.self then
     out.value = g:call(key, function()

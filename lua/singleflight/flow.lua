@@ -518,29 +518,48 @@ local cleared = setmetatable({}, { __mode = "k" }) -- flight -> collected for
 -- is due (to be run once this frame, which held the coroutines, is gone).
 function M.sweep()
   local list = { leaders() }
-  local seen, collect = {}, false
+  local seen, collect, led_here = {}, false, {}
+  -- a call waited on here: suspect after SUSPECT_SWEEPS, then collect once
+  local function suspect(c)
+    local fl = flights[c]
+    if fl and not cleared[fl] then
+      local n = (suspects[c] or 0) + 1
+      seen[c] = n
+      if n >= SUSPECT_SWEEPS then
+        collect = true
+        cleared[fl] = true
+      end
+    end
+  end
   for i = 1, #list, 2 do
     local co, gd = list[i], list[i + 1]
     local status = co_status(co)
+    local led = { calls(gd) }
+    for j = 1, #led do
+      led_here[led[j]] = true
+    end
     if status == "dead" then
       gone_all(abandon(gd))
     elseif status ~= "running" then
-      local led = { calls(gd) }
       for j = 1, #led do
         local c = led[j]
         if not led_on(co, c) then
           if abandon_call(gd, c) then
             gone(c)
           end
-        elseif status == "suspended" and flights[c] and not cleared[flights[c]] then
-          local n = (suspects[c] or 0) + 1
-          seen[c] = n
-          if n >= SUSPECT_SWEEPS then
-            collect = true
-            cleared[flights[c]] = true
-          end
+        elseif status == "suspended" then
+          suspect(c)
         end
       end
+    end
+  end
+  -- Waited on, led by no coroutine listed: its leader's coroutine was
+  -- collected and its guard waits for the next cycle to be finalized (LuaJIT
+  -- and 5.1 finalize a value of a weak-keyed table a cycle after its key),
+  -- or a started call's light thread has not run yet.
+  for c in pairs(flights) do
+    if not led_here[c] then
+      suspect(c)
     end
   end
   suspects = seen
