@@ -2,23 +2,9 @@
 -- lua-resty-core, started for this file on 127.0.0.1 (nginx_server.lua)
 -- and driven over HTTP. The server side is ngx_app.lua.
 local ns = require "nginx_server"
-local socket = require "socket"
-
-local function times(n, path)
-  local t = {}
-  for i = 1, n do
-    t[i] = path
-  end
-  return t
-end
-
-local function tally(answers, field)
-  local t = {}
-  for _, a in ipairs(answers) do
-    local v = a.fields[field] or "(none)"
-    t[v] = (t[v] or 0) + 1
-  end
-  return t
+local times, tally = ns.times, ns.tally
+local function eventually(pred, what, secs)
+  return ns.eventually(pred, what, secs or 5)
 end
 
 local function stats(port, group)
@@ -32,13 +18,6 @@ local function stats(port, group)
 end
 
 -- Steps until pred() holds, for `secs` seconds at most.
-local function eventually(pred, what, secs)
-  local deadline = socket.gettime() + (secs or 5)
-  while not pred() do
-    assert(socket.gettime() < deadline, "gave up waiting for " .. what)
-    socket.sleep(0.01)
-  end
-end
 
 local usable, why = ns.find()
 

@@ -6,9 +6,11 @@
 -- threads (timers instead) and in those with neither (init, exit_worker).
 -- The server side is ngx_app.lua (cc_*, tls*, try_start, starts).
 local ns = require "nginx_server"
-local socket = require "socket"
 
 local GUARD = 5 * ns.patience
+local function eventually(pred, what, secs)
+  return ns.eventually(pred, what, secs or GUARD)
+end
 
 local function numbers(a)
   local t = {}
@@ -16,14 +18,6 @@ local function numbers(a)
     t[k] = tonumber(v)
   end
   return t
-end
-
-local function eventually(pred, what, secs)
-  local deadline = socket.gettime() + (secs or GUARD)
-  while not pred() do
-    assert(socket.gettime() < deadline, "gave up waiting for " .. what)
-    socket.sleep(0.01)
-  end
 end
 
 local usable, why = ns.find()

@@ -6,27 +6,13 @@
 -- collection forced, no timeout): the first takes over and runs its fn.
 -- The server side is ngx_app.lua (gone_*, kill_then_call).
 local ns = require "nginx_server"
-local socket = require "socket"
 
 -- Hang guard for an answer that should come within about a second (longer
 -- under valgrind).
 local GUARD = 5 * ns.patience
-
-local function times(n, path)
-  local t = {}
-  for i = 1, n do
-    t[i] = path
-  end
-  return t
-end
-
-local function tally(answers, field)
-  local t = {}
-  for _, a in ipairs(answers) do
-    local v = a.fields[field] or "(none)"
-    t[v] = (t[v] or 0) + 1
-  end
-  return t
+local times, tally = ns.times, ns.tally
+local function eventually(pred, what, secs)
+  return ns.eventually(pred, what, secs or GUARD)
 end
 
 local function stats(port, group)
@@ -37,14 +23,6 @@ local function stats(port, group)
     st[k] = tonumber(v)
   end
   return st
-end
-
-local function eventually(pred, what, secs)
-  local deadline = socket.gettime() + (secs or GUARD)
-  while not pred() do
-    assert(socket.gettime() < deadline, "gave up waiting for " .. what)
-    socket.sleep(0.01)
-  end
 end
 
 local usable, why = ns.find()

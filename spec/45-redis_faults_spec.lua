@@ -9,6 +9,10 @@ local socket = require "socket"
 
 -- Hang guard for answers that should come within a few seconds.
 local GUARD = 15
+local tally = ns.tally
+local function eventually(pred, what, secs)
+  return ns.eventually(pred, what, secs or GUARD)
+end
 
 local usable, why = rs.find()
 if not usable then
@@ -16,15 +20,6 @@ if not usable then
     pending("nginx and redis-server (" .. why .. ")")
   end)
   return
-end
-
-local function tally(answers, field)
-  local t = {}
-  for _, a in ipairs(answers) do
-    local v = a.fields[field] or "(none)"
-    t[v] = (t[v] or 0) + 1
-  end
-  return t
 end
 
 local function url_escape(s)
@@ -37,14 +32,6 @@ local function query(q)
     parts[#parts + 1] = k .. "=" .. url_escape(tostring(v))
   end
   return "/run?" .. table.concat(parts, "&")
-end
-
-local function eventually(pred, what, secs)
-  local deadline = socket.gettime() + (secs or GUARD)
-  while not pred() do
-    assert(socket.gettime() < deadline, "gave up waiting for " .. what)
-    socket.sleep(0.01)
-  end
 end
 
 local function count(text, pattern)

@@ -6,10 +6,13 @@
 -- leader of the tier above would be.
 local rs = require "redis_server"
 local ns = require "nginx_server"
-local socket = require "socket"
 
 -- Hang guard for answers that should come within a second or two.
 local GUARD = 10
+local tally = ns.tally
+local function eventually(pred, what, secs)
+  return ns.eventually(pred, what, secs or GUARD)
+end
 
 local usable, why = rs.find()
 if not usable then
@@ -17,15 +20,6 @@ if not usable then
     pending("nginx and redis-server (" .. why .. ")")
   end)
   return
-end
-
-local function tally(answers, field)
-  local t = {}
-  for _, a in ipairs(answers) do
-    local v = a.fields[field] or "(none)"
-    t[v] = (t[v] or 0) + 1
-  end
-  return t
 end
 
 local function stats(inst, prefix)
@@ -53,13 +47,6 @@ local function url_escape(s)
 end
 
 -- Steps until pred() holds, for `secs` seconds at most.
-local function eventually(pred, what, secs)
-  local deadline = socket.gettime() + (secs or GUARD)
-  while not pred() do
-    assert(socket.gettime() < deadline, "gave up waiting for " .. what)
-    socket.sleep(0.01)
-  end
-end
 
 describe("Redis fleet", function()
   local redis, fleet

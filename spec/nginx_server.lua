@@ -458,4 +458,33 @@ function M.get(port, path, secs)
   return M.batch(port, { path }, secs)[1]
 end
 
+--- n copies of path, for batch.
+function M.times(n, path)
+  local t = {}
+  for i = 1, n do
+    t[i] = path
+  end
+  return t
+end
+
+--- How many answers have each value of the field (missing: "(none)").
+function M.tally(answers, field)
+  local t = {}
+  for _, a in ipairs(answers) do
+    local v = a.fields[field] or "(none)"
+    t[v] = (t[v] or 0) + 1
+  end
+  return t
+end
+
+--- Waits until pred() holds, checking every 10 ms; fails after `secs`
+-- seconds (a hang guard) saying what it waited for.
+function M.eventually(pred, what, secs)
+  local deadline = socket.gettime() + secs
+  while not pred() do
+    assert(socket.gettime() < deadline, "gave up waiting for " .. what)
+    socket.sleep(0.01)
+  end
+end
+
 return M
