@@ -17,7 +17,6 @@ const char lsf_group_tag = 0;
 /* Flags of acquire. */
 enum {
   ACQ_COUNT = 1,    /* a new call (not a take-over): count it */
-  ACQ_JOIN_ONLY = 2, /* never lead */
   ACQ_DETACHED = 4, /* lead on behalf of a light thread to come (start):
                        a fresh owner, the reference in a ref */
   ACQ_CHECK = 8,    /* check the arguments, acquire nothing */
@@ -323,8 +322,7 @@ static int lsf_count(lua_State *L) {
  *               holds the leader's reference until a light thread adopts it
  *     JOINED    1, call, ref, key   a same-state joiner's reference
  *     FOREIGN   2, call, ref, key   led in another state: wait(ref)
- *     ABSENT    3, nil, nil, key    (ACQ_JOIN_ONLY) nothing in flight;
- *                                   (ACQ_CHECK) the arguments are good
+ *     ABSENT    3, nil, nil, key    (ACQ_CHECK) the arguments are good
  *     RECURSIVE 5, call, guard|false, key   the running coroutine leads the
  *               key already (unless that lead is stale: see flow.lua)
  *     TIERED    8                   the group's calls go through a tier
@@ -408,9 +406,7 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
   gd = lsf_guard_for_acquire(L, cx, &spare); /* pushed unless the main's */
   *gslot = lua_gettop(L) > top ? lua_gettop(L) : 0;
   st = sf_acquire(g, key, len, (uintptr_t)cx, gd->id,
-                  ((flags & ACQ_COUNT) ? SF_ACQ_COUNT_CALL : 0) |
-                      ((flags & ACQ_JOIN_ONLY) ? SF_ACQ_JOIN_ONLY : 0),
-                  &c);
+                  (flags & ACQ_COUNT) ? SF_ACQ_COUNT_CALL : 0, &c);
   *cp = c;
   *gdp = gd;
   switch (st) {
@@ -439,9 +435,6 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
     ref->kind = REF_FOREIGN;
     break;
   }
-  case SF_ABSENT:
-    lua_pushnil(L);
-    break;
   case SF_RECURSIVE:
     if (*gslot)
       lua_pushvalue(L, *gslot);
@@ -455,12 +448,8 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
   lua_pushinteger(L, st == SF_LEADER    ? ST_LEADER
                      : st == SF_JOINED  ? ST_JOINED
                      : st == SF_FOREIGN ? ST_FOREIGN
-                     : st == SF_ABSENT  ? ST_ABSENT
                                         : ST_RECURSIVE);
-  if (st == SF_ABSENT)
-    lua_pushnil(L);
-  else
-    lua_pushlightuserdata(L, c);
+  lua_pushlightuserdata(L, c);
   lua_pushvalue(L, -3);
   lua_pushvalue(L, 2);
   *nret = 4;
@@ -987,10 +976,21 @@ static void set_functions(lua_State *L, int idx, const luaL_Reg *l,
   lua_pop(L, 1);
 }
 
+/* The flags of acquire, as the module exports them. */
+static const struct {
+  const char *name;
+  int value;
+} acquire_flags[] = {
+  {"COUNT", ACQ_COUNT},   {"DETACHED", ACQ_DETACHED},
+  {"CHECK", ACQ_CHECK},   {"LOCAL", ACQ_LOCAL},
+  {"DEEPER", ACQ_DEEPER},
+  {NULL, 0}
+};
+
 LUALIB_API int luaopen_singleflight_core(lua_State *L);
 
 LUALIB_API int luaopen_singleflight_core(lua_State *L) {
-  int slots[LSF_NUPVALUES], module, methods_t;
+  int slots[LSF_NUPVALUES], module, methods_t, i;
   lsf_ctx *cx;
 
   lua_newtable(L); /* guards: coroutine -> guard, weak keys */
@@ -1045,18 +1045,10 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_setfield(L, module, "Ref");
   lua_pushliteral(L, LSF_VERSION);
   lua_setfield(L, module, "_VERSION");
-  lua_pushinteger(L, ACQ_COUNT);
-  lua_setfield(L, module, "COUNT");
-  lua_pushinteger(L, ACQ_JOIN_ONLY);
-  lua_setfield(L, module, "JOIN_ONLY");
-  lua_pushinteger(L, ACQ_DETACHED);
-  lua_setfield(L, module, "DETACHED");
-  lua_pushinteger(L, ACQ_CHECK);
-  lua_setfield(L, module, "CHECK");
-  lua_pushinteger(L, ACQ_LOCAL);
-  lua_setfield(L, module, "LOCAL");
-  lua_pushinteger(L, ACQ_DEEPER);
-  lua_setfield(L, module, "DEEPER");
+  for (i = 0; acquire_flags[i].name; i++) {
+    lua_pushinteger(L, acquire_flags[i].value);
+    lua_setfield(L, module, acquire_flags[i].name);
+  }
   lua_pushboolean(L, LSF_HAVE_TOCLOSE);
   lua_setfield(L, module, "closes");
   return 1;
