@@ -38,11 +38,7 @@ describe("OpenResty", function()
 
   teardown(function()
     if server then
-      local log = server.log()
-      server.stop()
-      if log:find("%[error%]") or log:find("%[alert%]") then
-        print("\nnginx error log:\n" .. log)
-      end
+      server.stop_reporting()
     end
   end)
 

@@ -84,11 +84,7 @@ describe("OpenResty edges", function()
 
   teardown(function()
     if server then
-      local log = server.log()
-      server.stop()
-      if log:find("%[error%]") then
-        print("\nnginx error log:\n" .. log)
-      end
+      server.stop_reporting()
     end
   end)
 

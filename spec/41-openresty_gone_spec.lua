@@ -59,11 +59,7 @@ describe("OpenResty, a leader whose request ends inside fn", function()
 
   teardown(function()
     if server then
-      local log = server.log()
-      server.stop()
-      if log:find("%[error%]") or log:find("%[alert%]") then
-        print("\nnginx error log:\n" .. log)
-      end
+      server.stop_reporting()
     end
   end)
 

@@ -341,6 +341,16 @@ function M.start(lifetime, opts)
     end
   end
 
+  --- stop(), first printing nginx's error log if it logged errors or
+  -- alerts (a spec's teardown).
+  function server.stop_reporting()
+    local log = server.log()
+    server.stop()
+    if log:find("%[error%]") or log:find("%[alert%]") then
+      print("\nnginx error log:\n" .. log)
+    end
+  end
+
   local cmd = quote(found.nginx) .. " -p " .. quote(prefix .. "/")
               .. " -c conf/nginx.conf -e logs/error.log"
   if valgrind then
