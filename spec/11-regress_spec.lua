@@ -721,6 +721,21 @@ describe("regression: the core's primitives", function()
     assert.matches("attempt to use a closed group", msg, 1, true)
   end)
 
+  it("loading the module leaves LuaJIT's JIT on", function()
+    -- the module switched the interpreter's JIT off for the whole process
+    -- (jit.off() given nil for a finalizer that only 5.4 has)
+    if not rawget(_G, "jit") then
+      return pending("LuaJIT only")
+    end
+    child_ok([[
+      assert(jit.status(), "the JIT is on at the start")
+      local singleflight = require "singleflight"
+      singleflight.new():call("k", function() end)
+      assert(jit.status(), "the JIT is still on")
+      print("ok")
+    ]])
+  end)
+
   -- Not reproducible from Lua, so not here: a memory error while the
   -- leader's guard is made, or while a guard grows (no allocator can be
   -- made to fail from a Lua script).

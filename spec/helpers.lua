@@ -116,7 +116,9 @@ function helpers.gate()
     gate.opened = true
   end
   function gate.wait(limit)
-    limit = limit or 100000
+    -- a hang guard in rounds: generous, as a wait with a timeout in
+    -- seconds may take many fast rounds (LuaJIT compiles the loops)
+    limit = limit or 10000000
     local n = 0
     gate.waiting = gate.waiting + 1
     while not gate.opened do

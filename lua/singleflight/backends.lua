@@ -58,7 +58,10 @@ do
   if type(jit) == "table" and type(jit.off) == "function" then
     local jit_off = jit.off
     M.interpreted = function(f)
-      pcall(jit_off, f) -- refused for C functions, which need nothing
+      -- jit.off() with no function would switch the JIT off everywhere
+      if type(f) == "function" then
+        pcall(jit_off, f) -- refused for C functions, which need nothing
+      end
     end
   end
 end
