@@ -23,7 +23,7 @@ BUILD ?= build
 BUSTED ?= /usr/bin/busted
 LUACHECK ?= luacheck
 
-SRC := csrc/sf_core.c csrc/lsf.c csrc/lsf_hold.c csrc/lsf_copy.c
+SRC := csrc/sf_core.c csrc/lsf.c csrc/lsf_hold.c csrc/lsf_copy.c csrc/lsf_fast.c
 HDR := csrc/sf_core.h csrc/lsf.h csrc/lsf_compat.h
 
 lua_inc = $(if $(filter jit,$1),/usr/include/luajit-2.1,/usr/include/lua$1)

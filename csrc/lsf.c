@@ -14,16 +14,6 @@
 
 const char lsf_group_tag = 0;
 
-/* Flags of acquire. */
-enum {
-  ACQ_COUNT = 1,    /* a new call (not a take-over): count it */
-  ACQ_DETACHED = 4, /* lead on behalf of a light thread to come (start):
-                       a fresh owner, the reference in a ref */
-  ACQ_CHECK = 8,    /* check the arguments, acquire nothing */
-  ACQ_LOCAL = 16,   /* in this state only: a tier's own call */
-  ACQ_DEEPER = 32   /* errors blame one level further up */
-};
-
 lsf_ctx *lsf_ctx_of(lua_State *L) {
   return (lsf_ctx *)lua_touserdata(L, UV_CTX);
 }
@@ -1037,6 +1027,7 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   module = lua_gettop(L);
   set_functions(L, module, functions, slots);
   set_functions(L, module, lsf_holder_functions, slots);
+  set_functions(L, module, lsf_fast_functions, slots);
   lua_pushvalue(L, methods_t);
   lua_setfield(L, module, "methods");
   lua_pushvalue(L, slots[3]);

@@ -7,6 +7,7 @@
  *   lsf_hold.c   the holders of calls: guards (the calls a coroutine
  *                leads) and refs (one joiner's, or a future's, reference)
  *   lsf_copy.c   the value copier: values that cross Lua states
+ *   lsf_fast.c   the leader's fast path, for LuaJIT's FFI
  *
  * The binding never calls the Lua layer: it returns statuses that the Lua
  * layer acts on. The Lua layer runs fn; the only user code run from here
@@ -26,6 +27,16 @@
 #define GROUP_MT "singleflight.Group"
 #define GUARD_MT "singleflight.Guard"
 #define REF_MT "singleflight.Ref"
+
+/* Flags of acquire. */
+enum {
+  ACQ_COUNT = 1,    /* a new call (not a take-over): count it */
+  ACQ_DETACHED = 4, /* lead on behalf of a light thread to come (start):
+                       a fresh owner, the reference in a ref */
+  ACQ_CHECK = 8,    /* check the arguments, acquire nothing */
+  ACQ_LOCAL = 16,   /* in this state only: a tier's own call */
+  ACQ_DEEPER = 32   /* errors blame one level further up */
+};
 
 /* Upvalues shared by every C function of the module. */
 #define UV_GUARDS lua_upvalueindex(1) /* coroutine -> guard, weak keys */
@@ -63,7 +74,8 @@ extern const char lsf_group_tag;
 
 /* The calls one coroutine leads, innermost last; one core reference each. */
 typedef struct lsf_guard {
-  uintptr_t id;  /* the owner the core sees */
+  uintptr_t id;     /* the owner the core sees */
+  uintptr_t domain; /* and the domain: the state's lsf_ctx */
   int height;
   int marks;     /* leader frames that close the guard (5.4) */
   int cap;
@@ -93,6 +105,13 @@ typedef struct lsf_ref {
 /* How a holder gives up one reference. */
 enum { DROP_RELEASE, DROP_UNJOIN, DROP_LEAVE };
 
+/* The FFI's view of lsf_fast.c (flow.lua declares the same). */
+typedef struct lsf_fast_api {
+  int (*lead)(const lsf_group *ug, const char *key, size_t len, lsf_guard *gd,
+              unsigned flags, uintptr_t *addr);
+  int (*finish)(lsf_guard *gd, uintptr_t addr);
+} lsf_fast_api;
+
 /* lsf.c */
 lsf_ctx *lsf_ctx_of(lua_State *L);
 int lsf_raise_nomem(lua_State *L);
@@ -121,5 +140,8 @@ void lsf_free_payload(void *p);
 int lsf_push_payload(lua_State *L, const void *p);
 int lsf_encode(lua_State *L);
 int lsf_decode(lua_State *L);
+
+/* lsf_fast.c */
+extern const luaL_Reg lsf_fast_functions[];
 
 #endif

@@ -50,6 +50,7 @@ void lsf_ensure_spares(lua_State *L, lsf_ctx *cx) {
   if (!cx->spare_guard) {
     lsf_guard *gd = guard_new(L);
     gd->id = ++cx->next_id;
+    gd->domain = (uintptr_t)cx;
     lua_rawseti(L, UV_SPARES, SPARE_GUARD);
     cx->spare_guard = gd;
   }

@@ -498,6 +498,10 @@ int sf_acquire(sf_group *g, const char *key, size_t len, uintptr_t domain,
   sh = shard_of(g, hash);
   shard_lock(g, sh);
   c = table_find(sh, hash, key, len);
+  if (c && (flags & SF_ACQ_LEAD_ONLY)) {
+    shard_unlock(g, sh);
+    return SF_INFLIGHT;
+  }
   /* counted unless out of memory below, where nothing changes */
   if ((c || (flags & SF_ACQ_JOIN_ONLY)) && (flags & SF_ACQ_COUNT_CALL))
     stat_add(sh, SF_STAT_CALLS);
@@ -709,6 +713,30 @@ unsigned sf_finish_ex(sf_call *c, int panicked, int *shared, unsigned *nlocal,
   if (last)
     call_dispose(g, dead, unref);
   return foreign;
+}
+
+int sf_finish_alone(sf_call *c, int panicked, int *shared) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  sf_call *dead = NULL;
+  int last, unref = 0;
+
+  shard_lock(g, sh);
+  if (c->nlocal > 0 || (c->foreign > 0 && !c->expired)) {
+    shard_unlock(g, sh);
+    return -1;
+  }
+  if (c->linked)
+    table_unlink(sh, c);
+  if (panicked)
+    stat_add(sh, SF_STAT_PANICS);
+  *shared = c->dups > 0;
+  c->state = SF_DONE;
+  last = call_unref_locked(g, sh, c, &dead, &unref);
+  shard_unlock(g, sh);
+  if (last)
+    call_dispose(g, dead, unref);
+  return 0;
 }
 
 void sf_publish(sf_call *c, void *payload, sf_free_fn freefn) {

@@ -36,7 +36,8 @@ enum {
   SF_JOINED = 1,   /* joined a call led from the same domain */
   SF_FOREIGN = 2,  /* joined a call led from another domain: sf_wait */
   SF_RECURSIVE = 3, /* the owner asked again for the key it is running */
-  SF_ABSENT = 4     /* SF_ACQ_JOIN_ONLY and no call in flight: nothing done */
+  SF_ABSENT = 4,    /* SF_ACQ_JOIN_ONLY and no call in flight: nothing done */
+  SF_INFLIGHT = 5   /* SF_ACQ_LEAD_ONLY and a call in flight: nothing done */
 };
 
 /* How a foreign wait ended, and what sf_state says of a call. */
@@ -74,7 +75,10 @@ typedef struct sf_stats {
 /* Flags for sf_acquire. */
 enum {
   SF_ACQ_COUNT_CALL = 1, /* count this acquire in SF_STAT_CALLS */
-  SF_ACQ_JOIN_ONLY = 2   /* join a call in flight, but never lead one */
+  SF_ACQ_JOIN_ONLY = 2,  /* join a call in flight, but never lead one */
+  SF_ACQ_LEAD_ONLY = 4   /* lead a new call, but never join one (nor count
+                            the caller): a fast path that leaves the rest
+                            to a slower one */
 };
 
 /* Groups. A new group has one reference, owned by the caller. */
@@ -153,6 +157,12 @@ unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal);
  * before the leader's reference goes). */
 unsigned sf_finish_ex(sf_call *c, int panicked, int *shared, unsigned *nlocal,
                       int *expired);
+
+/* The leader's work is done and nobody waits for it, in any domain: the
+ * same as sf_finish, which then returns 0 with *nlocal 0, and 0 is
+ * returned here. If anyone waits, nothing is done and -1 is returned (the
+ * leader goes on with sf_finish_ex). */
+int sf_finish_alone(sf_call *c, int panicked, int *shared);
 
 /* Hands the foreign waiters their payload (may be NULL), wakes them and
  * drops the leader's reference. `freefn` frees the payload at the end. */

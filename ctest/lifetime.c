@@ -226,6 +226,10 @@ static void statuses(void) {
   EQ(acq(g, "k", D_OTHER, O_1, SF_ACQ_JOIN_ONLY, &d), SF_FOREIGN);
   CHECK(d == c);
   EQ(acq(g, "k", D_LEAD, O_3, SF_ACQ_JOIN_ONLY, &d), SF_JOINED);
+  /* lead-only on a key in flight: nothing done, nothing counted */
+  EQ(acq(g, "k", D_LEAD, O_2, SF_ACQ_LEAD_ONLY | SF_ACQ_COUNT_CALL, &d),
+     SF_INFLIGHT);
+  EQ(acq(g, "k", D_LEAD, O_1, SF_ACQ_LEAD_ONLY, &d), SF_INFLIGHT);
   /* join-only on an idle key: nothing done, nothing counted */
   EQ(acq(g, "idle", D_LEAD, O_1, SF_ACQ_JOIN_ONLY, &d), SF_ABSENT);
   EQ(inflight(g), 1);
@@ -509,7 +513,18 @@ static void finish_results(void) {
       EQ(sf_wait(d, 0.01, SF_WAIT_KEEP, &got), SF_TIMEDOUT);
       foreign_held++;
     }
-    nforeign = sf_finish(c, w->panicked, &shared, &nlocal);
+    /* sf_finish_alone finishes only when nobody waits, else changes
+     * nothing: sf_finish then says the same as without it */
+    if (w->nlocal == 0 && w->nforeign == 0) {
+      EQ(sf_finish_alone(c, w->panicked, &shared), 0);
+      nlocal = 0;
+      nforeign = 0;
+    } else {
+      EQ(sf_finish_alone(c, w->panicked, &shared), -1);
+      EQ(inflight(g), 1);
+      EQ(count_of(g, SF_STAT_PANICS), 0);
+      nforeign = sf_finish(c, w->panicked, &shared, &nlocal);
+    }
     if (nforeign != (unsigned)w->nforeign || shared != w->shared ||
         nlocal != (unsigned)w->nlocal)
       failed(__LINE__, "%s: sf_finish says shared %d, nlocal %u, %u foreign; expected %d, %d, %d",
@@ -1014,7 +1029,7 @@ static const struct {
   void (*run)(void);
   unsigned kinds;
 } scenarios[] = {
-    {"statuses: leader, recursive, joined, foreign, join-only, absent", statuses, ALL_KINDS},
+    {"statuses: leader, recursive, joined, foreign, join-only, absent, lead-only", statuses, ALL_KINDS},
     {"keys are bytes: empty, NULs, inline and heap lengths", keys, ALL_KINDS},
     {"each holder keeps record, key and payload until it lets go", references, ALL_KINDS},
     {"sf_finish reports shared, nlocal and foreign waiters", finish_results, ALL_KINDS},

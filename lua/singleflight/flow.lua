@@ -24,8 +24,8 @@ local runner = require "singleflight.runner"
 local backends = require "singleflight.backends"
 local options = require "singleflight.options"
 
-local error, next, pairs, pcall, rawget, select, setmetatable, type =
-      error, next, pairs, pcall, rawget, select, setmetatable, type
+local error, next, pairs, pcall, rawget, select, setmetatable, tonumber, type =
+      error, next, pairs, pcall, rawget, select, setmetatable, tonumber, type
 local sfmt = string.format
 
 local core_wait, state, unjoin, leave, release, expire, age, abandon,
@@ -459,7 +459,19 @@ end
 -- worker where someone waits.
 
 -- Is a leader frame of call c on co's stack? Leader frames (the Lua ones
--- of LuaJIT, where OpenResty runs) keep the call in a local named sf_call.
+-- of LuaJIT, where OpenResty runs) keep the call in a local named sf_call:
+-- the call itself, or its address (a number) on the FFI's fast path.
+local leader_frames = {}
+local address = function() end
+if rawget(_G, "jit") then
+  local okffi, ffi = pcall(require, "ffi")
+  if okffi then
+    address = function(c)
+      return tonumber(ffi.cast("uintptr_t", c))
+    end
+  end
+end
+
 local function led_on(co, c)
   local running = co == co_running()
   local level = running and 1 or 0
@@ -473,7 +485,7 @@ local function led_on(co, c)
     if not info then
       return false
     end
-    if info.func == lead or info.func == M.call then
+    if leader_frames[info.func] then
       for i = 1, 8 do
         local name, v
         if running then
@@ -483,7 +495,7 @@ local function led_on(co, c)
         end
         if name == nil then
           break
-        elseif name == "sf_call" and v == c then
+        elseif name == "sf_call" and (v == c or v == address(c)) then
           return true
         end
       end
@@ -608,12 +620,18 @@ end
 
 if rawget(_G, "jit") then
   -- LuaJIT compiles no classic C call, and fn is opaque to it: the leader's
-  -- step is written into call itself, to spare two interpreted frames. The
-  -- same statuses as runner.lua's; the frame keeps self alive while fn runs.
+  -- step is written into call itself, to spare two interpreted frames,
+  -- and reaches the core through the FFI where it can (see
+  -- csrc/lsf_fast.c): a string key, a coroutine that has its guard, no
+  -- call in flight, nobody waiting at the end. Anything else goes the
+  -- classic way. The same statuses as runner.lua's; the frame keeps self
+  -- and the guard alive while fn runs.
   local acquire, finish, handler = core.acquire, core.finish, panic.handler
   local settled = runner.settled
   local FLAGS = core.COUNT -- errors blame this frame's caller
-  function M.call(self, key, fn, ...)
+  local getmetatable = getmetatable
+
+  local function classic(self, key, fn, ...)
     local st, sf_call, b, skey = acquire(self, key, fn, "call", FLAGS)
     if st == JOINED then
       return join(self, st, sf_call, b, skey, rerun, fn, ...)
@@ -634,6 +652,90 @@ if rawget(_G, "jit") then
     end
     return v, err, shared
   end
+  M.call, M.classic = classic, classic
+
+  local okffi, ffi = pcall(require, "ffi")
+  if okffi and core.fast then
+    if not pcall(ffi.typeof, "struct singleflight_fast_1") then
+      ffi.cdef [[
+        struct singleflight_fast_1 {
+          int (*lead)(void *, const char *, size_t, void *, unsigned,
+                      uintptr_t *);
+          int (*finish)(void *, uintptr_t);
+        };
+      ]]
+    end
+    local api, guards, GROUP = core.fast()
+    api = ffi.cast("struct singleflight_fast_1 *", api)
+    local fast_lead = api.lead
+    local fast_finish = core.fast_finish
+    local addr = ffi.new("uintptr_t[1]")
+    local call_at, running_guard = core.call_at, core.guard
+    local main_gd -- the main thread's guard, once it has one
+
+    -- the rest of a fast lead that someone waits on, or whose fn raised
+    local function slow_end(self, key, fn, sf_call, ok, v, err)
+      local c = call_at(sf_call)
+      if not ok then
+        return after(self, key, fn, rerun, settled(c, key, false, v))
+      end
+      local st, a, b, d, e = settled(c, key, true, v, err)
+      if st == DONE then
+        return a, b, d
+      end
+      return after(self, key, fn, rerun, st, a, b, d, e)
+    end
+
+    function M.call(self, key, fn, ...)
+      local n = select("#", ...)
+      if n > 2 then
+        return classic(self, key, fn, ...)
+      end
+      local a1, a2 = ...
+      local co = co_running()
+      local gd
+      if co then
+        gd = guards[co]
+      else
+        gd = main_gd
+        if gd == nil then
+          gd = running_guard()
+          main_gd = gd
+        end
+      end
+      if gd == nil or getmetatable(self) ~= GROUP or type(key) ~= "string"
+         or type(fn) ~= "function"
+         or fast_lead(self, key, #key, gd, FLAGS, addr) ~= 0 then
+        return classic(self, key, fn, ...)
+      end
+      -- a number, not a pointer: it is only compared with the guard's calls
+      local sf_call = tonumber(addr[0])
+      -- xpcall(fn, handler, ...) with the arguments taken before
+      -- coroutine.running, which ends LuaJIT's trace: the trace that goes
+      -- on after it can't read the varargs of a frame entered before it
+      local ok, v, err
+      if n == 0 then
+        ok, v, err = xpcall(fn, handler)
+      elseif n == 1 then
+        ok, v, err = xpcall(fn, handler, a1)
+      else
+        ok, v, err = xpcall(fn, handler, a1, a2)
+      end
+      if ok then
+        local shared = fast_finish(gd, sf_call)
+        if shared >= 0 then
+          return v, err, shared == 1
+        end
+      end
+      return slow_end(self, key, fn, sf_call, ok, v, err)
+    end
+  end
+end
+
+leader_frames[lead] = true
+leader_frames[M.call] = true
+if M.classic then
+  leader_frames[M.classic] = true
 end
 
 --- g:call in this Lua state only, for a tier above it (shm): its fn is
