@@ -580,9 +580,25 @@ static int lead_msgh(lua_State *L) {
 
 static int lead_done(lua_State *L, int status) {
   sf_call *c = (sf_call *)lua_touserdata(L, 1);
-  lsf_guard *gd = lsf_guard_running(L, lsf_ctx_of(L));
+  lsf_ctx *cx = lsf_ctx_of(L);
+  /* a coroutine's guard is in its slot; the main thread's is cached */
+  lsf_guard *gd = L == cx->main_L ? cx->main_guard
+                                  : (lsf_guard *)lua_touserdata(L, 4);
   int shared, expired, top = lua_gettop(L);
   unsigned nlocal;
+#if LSF_HAVE_TOCLOSE
+  /* fn came back: this frame no longer needs its guard closed (only a
+   * coroutine.close of fn suspended does), so its mark is given back here
+   * and the to-be-closed slot gets a stand-in whose __close does nothing,
+   * in C, where the guard's would call the Lua layer's for nothing. Lua
+   * closes the value the slot holds when the frame ends (lua_toclose:
+   * "the value at that slot in the stack will be closed"). */
+  if (gd && lua_touserdata(L, 4) == (void *)gd && gd->marks > 0) {
+    gd->marks--;
+    lua_pushvalue(L, UV_CLOSED);
+    lua_replace(L, 4);
+  }
+#endif
   if (status == LUA_OK || status == LUA_YIELD) { /* v, err on top */
     finish_call(L, gd, c, 1, top - 1, top, &shared, &nlocal, &expired);
     lua_pushinteger(L, !nlocal ? ST_DONE : expired ? ST_DONE_GONE : ST_DELIVER);
@@ -688,6 +704,8 @@ static int lsf_lead(lua_State *L) {
   if (L != cx->main_L) {
     lua_pushthread(L);
     lua_rawget(L, UV_GUARDS);
+    if (!lua_touserdata(L, -1)) /* never adopted it */
+      return luaL_error(L, "singleflight: lead of a call this coroutine does not lead");
     gslot = lua_gettop(L);
   }
   return lead_frame(L, c, gslot);
@@ -950,6 +968,24 @@ static const luaL_Reg group_metamethods[] = {
   {NULL, NULL}
 };
 
+static int closed_close(lua_State *L) {
+  (void)L;
+  return 0;
+}
+
+/* Pushes the stand-in for a guard in a leader frame's to-be-closed slot
+ * once fn came back (see lead_done): closing it does nothing. On Lua
+ * versions without to-be-closed slots, an unused placeholder. */
+static void lsf_push_closed(lua_State *L) {
+  lua_newuserdata(L, 1);
+  lua_createtable(L, 0, 2);
+  lua_pushcfunction(L, closed_close);
+  lua_setfield(L, -2, "__close");
+  lua_pushliteral(L, "singleflight.Closed");
+  lua_setfield(L, -2, "__name");
+  lua_setmetatable(L, -2);
+}
+
 /* Pushes the upvalues every function gets, from their stack slots. */
 static void push_upvalues(lua_State *L, const int *slots) {
   int i;
@@ -1006,6 +1042,9 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_pushliteral(L, "v");
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, slots[6]);
+
+  lsf_push_closed(L); /* the guards' stand-in */
+  slots[7] = lua_gettop(L);
 
   lua_pushliteral(L, GROUP_MT);
   lua_setfield(L, slots[2], "__name");

@@ -46,7 +46,8 @@ enum {
 #define UV_REF_MT lua_upvalueindex(5)
 #define UV_SPARES lua_upvalueindex(6) /* {guard, ref} made ahead of need */
 #define UV_JOINS lua_upvalueindex(7)  /* call -> its same-state joiners' ref */
-#define LSF_NUPVALUES 7
+#define UV_CLOSED lua_upvalueindex(8) /* a guard's stand-in (see lsf.c) */
+#define LSF_NUPVALUES 8
 
 /* Slots of the spares table. */
 enum { SPARE_GUARD = 1, SPARE_REF = 2 };

@@ -721,20 +721,40 @@ describe("regression: the core's primitives", function()
     assert.matches("attempt to use a closed group", msg, 1, true)
   end)
 
-  it("loading the module leaves LuaJIT's JIT on", function()
-    -- the module switched the interpreter's JIT off for the whole process
-    -- (jit.off() given nil for a finalizer that only 5.4 has)
-    if not rawget(_G, "jit") then
-      return pending("LuaJIT only")
-    end
-    child_ok([[
-      assert(jit.status(), "the JIT is on at the start")
-      local singleflight = require "singleflight"
-      singleflight.new():call("k", function() end)
-      assert(jit.status(), "the JIT is still on")
-      print("ok")
-    ]])
-  end)
+  local jit_on = "loading the module leaves LuaJIT's JIT on"
+  if not rawget(_G, "jit") then
+    pending(jit_on .. " (LuaJIT only)")
+  else
+    it(jit_on, function()
+      -- the module switched the interpreter's JIT off for the whole
+      -- process (jit.off() given nil for a finalizer that only 5.4 has)
+      child_ok([[
+        assert(jit.status(), "the JIT is on at the start")
+        local singleflight = require "singleflight"
+        singleflight.new():call("k", function() end)
+        assert(jit.status(), "the JIT is still on")
+        print("ok")
+      ]])
+    end)
+  end
+
+  local no_guard = "the core's lead in a coroutine that adopted nothing raises"
+  if not core.lead then
+    pending(no_guard .. " (lead is the binding's on Lua 5.2 and later)")
+  else
+    it(no_guard, function()
+      -- it went on with no guard, and crashed on 5.4
+      child_ok([[
+        local core = require "singleflight.core"
+        local not_a_call = core.fast()
+        local ok, e = coroutine.wrap(function()
+          return pcall(core.lead, not_a_call, "k", function() end)
+        end)()
+        assert(not ok and e:find("does not lead", 1, true), tostring(e))
+        print("ok")
+      ]])
+    end)
+  end
 
   -- Not reproducible from Lua, so not here: a memory error while the
   -- leader's guard is made, or while a guard grows (no allocator can be
