@@ -308,13 +308,15 @@ static int lsf_count(lua_State *L) {
  *   acquire(g, key, fn, fname, flags) -> status, ...
  *     LEADER    0, call, guard|false, key   the running coroutine leads
  *               (false: the main thread): run fn, then finish(call, ...)
- *     LEADER    0, call, ref, key                (ACQ_DETACHED) the ref
+ *     LEADER    0, call, ref, key, opts          (ACQ_DETACHED) the ref
  *               holds the leader's reference until a light thread adopts it
- *     JOINED    1, call, ref, key   a same-state joiner's reference
- *     FOREIGN   2, call, ref, key   led in another state: wait(ref)
+ *     JOINED    1, call, ref, key, opts   a same-state joiner's reference
+ *     FOREIGN   2, call, ref, key, opts   led in another state: wait(ref)
  *     ABSENT    3, nil, nil, key    (ACQ_CHECK) the arguments are good
- *     RECURSIVE 5, call, guard|false, key   the running coroutine leads the
- *               key already (unless that lead is stale: see flow.lua)
+ *     RECURSIVE 5, call, guard|false, key, opts   the running coroutine
+ *               leads the key already (unless that lead is stale: see
+ *               flow.lua)
+ *   opts: the handle's options table, or false (see options()).
  *     TIERED    8                   the group's calls go through a tier
  *   run(g, key, fn, ...), rerun(...) and lead(call, key, fn, ...) (5.2 and
  *   later: acquire, fn run protected, finish, in one trip) -> one of the
@@ -342,6 +344,24 @@ enum {
   ST_DONE_GONE = 9,
   ST_PANICKED_GONE = 10
 };
+
+/* Pushes the options of the handle at idx (a group), or `none` (nil or
+ * false). */
+static void push_options(lua_State *L, int idx, int none) {
+  lsf_getuservalue(L, idx);
+  if (lua_type(L, -1) == LUA_TTABLE) {
+    lua_pushnil(L);
+    if (lua_next(L, -2)) { /* not empty (an empty one: the stand-in of 5.1) */
+      lua_pop(L, 2);
+      return;
+    }
+  }
+  lua_pop(L, 1);
+  if (none)
+    lua_pushboolean(L, 0);
+  else
+    lua_pushnil(L);
+}
 
 /* The group at 1 on the fast path: a tag read instead of a metatable
  * compare; anything unusual goes the long way, for its message. */
@@ -434,7 +454,8 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
   default:
     return lsf_raise_nomem(L);
   }
-  /* the holder (or its stand-in) on top: status, call, holder, key */
+  /* the holder (or its stand-in) on top: status, call, holder, key,
+   * options (which the waiter needs next) */
   lua_pushinteger(L, st == SF_LEADER    ? ST_LEADER
                      : st == SF_JOINED  ? ST_JOINED
                      : st == SF_FOREIGN ? ST_FOREIGN
@@ -442,7 +463,8 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
   lua_pushlightuserdata(L, c);
   lua_pushvalue(L, -3);
   lua_pushvalue(L, 2);
-  *nret = 4;
+  push_options(L, 1, 1);
+  *nret = 5;
   return st;
 }
 
@@ -488,6 +510,16 @@ static int lsf_acquire(lua_State *L) {
     lua_pushboolean(L, 0);
   lua_pushvalue(L, 2);
   return 4;
+}
+
+/* enter(g, key, fn, ...): acquire(g, key, fn, "call", COUNT), the extra
+ * arguments ignored: what g:call does first where fn runs in Lua (LuaJIT,
+ * 5.1), from a frame that passes on its own arguments as they are. */
+static int lsf_enter(lua_State *L) {
+  lua_settop(L, 3);
+  lua_pushliteral(L, "call");
+  lua_pushinteger(L, ACQ_COUNT);
+  return lsf_acquire(L);
 }
 
 typedef struct publish_job {
@@ -873,13 +905,7 @@ static int lsf_options(lua_State *L) {
     lsf_setuservalue(L, 1);
     return 0;
   }
-  lsf_getuservalue(L, 1);
-  if (lua_type(L, -1) != LUA_TTABLE)
-    return 0;
-  lua_pushnil(L);
-  if (!lua_next(L, -2)) /* empty: the stand-in of 5.1 */
-    return 0;
-  lua_pop(L, 2);
+  push_options(L, 1, 0);
   return 1;
 }
 
@@ -923,6 +949,7 @@ static const luaL_Reg functions[] = {
   {"new", lsf_new},
   {"open", lsf_open},
   {"acquire", lsf_acquire},
+  {"enter", lsf_enter},
   {"finish", lsf_finish},
   {"wait", lsf_wait},
   {"state", lsf_state},

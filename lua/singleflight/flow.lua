@@ -33,7 +33,8 @@ local core_wait, state, unjoin, leave, release, expire, age, abandon,
       core.wait, core.state, core.unjoin, core.leave, core.release,
       core.expire, core.age, core.abandon, core.abandon_call, core.leaders,
       core.calls, core.now, core.quote, core.count
-local co_running = coroutine.running
+local co_running, co_yield = coroutine.running, coroutine.yield
+local co_isyieldable = coroutine.isyieldable
 -- the status Lua itself keeps: OpenResty's coroutine.status reads the
 -- bookkeeping of the coroutine's request, which is freed when it ends
 local co_status = rawget(coroutine, "_status") or coroutine.status
@@ -235,9 +236,15 @@ M.wait_flight = wait_flight
 ---------------------------------------------------------------------------
 -- The leader's side
 
-local run, rerun, run_local, rerun_local, lead =
-      runner.run, runner.rerun, runner.run_local, runner.rerun_local, runner.lead
+local rerun, run_local, rerun_local, lead =
+      runner.rerun, runner.run_local, runner.rerun_local, runner.lead
 M.lead = lead
+-- LuaJIT and 5.1 lead in Lua (runner.lua): call acquires (core.enter)
+-- from its own frame, which keeps a waiter's stack as shallow as on 5.2
+-- and later, where core.run also leads
+local acquire_first = core.run == nil
+local enter = core.run or core.enter
+local COUNT = core.COUNT
 local check_recursion, join
 local sweeping = false -- see M.watch
 
@@ -274,7 +281,7 @@ local function after(self, key, fn, retake, st, a, b, c, d, ...)
   elseif st == TIERED then
     return M.tiered(self, key, fn, ...)
   end
-  return join(self, st, a, b, c, retake, fn, ...) -- call, holder, key
+  return join(self, st, a, b, c, retake, d, fn, ...) -- call, holder, key, opts
 end
 M.after = after
 
@@ -395,16 +402,23 @@ local function wait_foreign(opts, ref, skey, deadline)
   end
 end
 
-function join(self, st, c, ref, skey, retake, fn, ...)
-  local opts = opts_of[self] or DEFAULTS
-  -- one deadline for the whole wait, across leaders that go away
-  local deadline = opts.timeout and now() + opts.timeout
-  if not sweeping then
+local TAKE_OVER = -1 -- join's status for a call seen abandoned already
+
+function join(self, st, c, ref, skey, retake, opts, fn, ...)
+  if opts == nil then -- not known yet (false: none)
+    opts = opts_of[self]
+  end
+  opts = opts or DEFAULTS
+  if not sweeping and rawget(_G, "ngx") ~= nil then
     M.watch()
   end
+  -- one deadline for the whole wait, across leaders that go away
+  local deadline = opts.timeout and now() + opts.timeout
   while true do
     local r, ok, v, err
-    if st == RECURSIVE then
+    if st == TAKE_OVER then
+      r = "abandoned"
+    elseif st == RECURSIVE then
       check_recursion(c, ref, skey)
       r = "abandoned" -- a stale lead, abandoned now
     elseif opts.max_age and expire(ref, opts.max_age) then
@@ -608,52 +622,81 @@ end
 ---------------------------------------------------------------------------
 -- g:call(key, fn, ...)
 
+--[[
+g:call on the classic API. A same-state duplicate (JOINED: a is the call,
+b its ref, c the key, d the handle's options or false) waits right here in
+the common case, in call's own frame, so that a waiter's stack is no
+deeper than it need be: a flight that others wait on already (so a
+finalizer that abandoned the call has marked it), no timeout or max_age,
+a backend whose wait can't fail and that can wait here. The rest goes to
+join.
+]]
 function M.call(self, key, fn, ...)
-  local st, a, b, c, d = run(self, key, fn, ...)
+  local st, a, b, c, d = enter(self, key, fn, ...)
+  if st == DONE and acquire_first then -- leads it: a is the call, c the key
+    st, a, b, c, d = lead(self, a, c, fn, ...)
+  end
   if st == DONE then
     return a, b, c
-  elseif st == JOINED then
-    return join(self, st, a, b, c, rerun, fn, ...)
+  elseif st ~= JOINED then
+    return after(self, key, fn, rerun, st, a, b, c, d, ...)
   end
-  return after(self, key, fn, rerun, st, a, b, c, d, ...)
+  if d == nil then
+    d = opts_of[self]
+  end
+  d = d or DEFAULTS
+  local fl, be = flights[a], d.be or backend_of(d)
+  if fl == nil or d.timeout or d.max_age or not be.never_fails
+     or fl.objs[be] == nil or (not sweeping and rawget(_G, "ngx") ~= nil) then
+    return join(self, JOINED, a, b, c, rerun, d, fn, ...)
+  end
+  local yields = be.yields and co_isyieldable -- its wait: a bare yield
+  if yields then
+    st = co_isyieldable()
+  else
+    st = be.can_wait == nil or be.can_wait()
+  end
+  if not st then
+    return join(self, JOINED, a, b, c, rerun, d, fn, ...)
+  end
+  local counts = fl.counts
+  fl.n = fl.n + 1
+  counts[be] = counts[be] + 1
+  if yields then
+    repeat
+      co_yield()
+    until fl.done or fl.abandoned
+  else
+    local wait, obj = be.wait, fl.objs[be]
+    repeat
+      wait(obj)
+    until fl.done or fl.abandoned
+  end
+  counts[be] = counts[be] - 1
+  fl.n = fl.n - 1
+  if fl.n == 0 and flights[a] == fl then
+    flights[a] = nil
+  end
+  release(b)
+  if fl.done then
+    if fl.ok then
+      return fl.v, fl.err, true
+    end
+    error(fl.panic, 0) -- the leader's own panic
+  end
+  return join(self, TAKE_OVER, a, nil, c, rerun, d, fn, ...)
 end
 
 if rawget(_G, "jit") then
-  -- LuaJIT compiles no classic C call, and fn is opaque to it: the leader's
-  -- step is written into call itself, to spare two interpreted frames,
-  -- and reaches the core through the FFI where it can (see
-  -- csrc/lsf_fast.c): a string key, a coroutine that has its guard, no
-  -- call in flight, nobody waiting at the end. Anything else goes the
-  -- classic way. The same statuses as runner.lua's; the frame keeps self
-  -- and the guard alive while fn runs.
-  local acquire, finish, handler = core.acquire, core.finish, panic.handler
+  -- LuaJIT compiles no classic C call, and fn is opaque to it: a leader
+  -- reaches the core through the FFI where it can (see csrc/lsf_fast.c):
+  -- a string key, a coroutine that has its guard, no call in flight,
+  -- nobody waiting at the end. Anything else goes the classic way. The
+  -- frame keeps self and the guard alive while fn runs.
+  local classic = M.call
+  local handler = panic.handler
   local settled = runner.settled
-  local FLAGS = core.COUNT -- errors blame this frame's caller
   local getmetatable = getmetatable
-
-  local function classic(self, key, fn, ...)
-    local st, sf_call, b, skey = acquire(self, key, fn, "call", FLAGS)
-    if st == JOINED then
-      return join(self, st, sf_call, b, skey, rerun, fn, ...)
-    elseif st ~= DONE then -- not the leader
-      return after(self, key, fn, rerun, st, sf_call, b, skey, nil, ...)
-    end
-    local ok, v, err = xpcall(fn, handler, ...)
-    if not ok then
-      return after(self, key, fn, rerun, settled(sf_call, skey, false, v))
-    end
-    local shared, nlocal, expired = finish(sf_call, true, v, err)
-    if nlocal > 0 then
-      if expired then
-        gone(sf_call)
-      else
-        deliver(sf_call, true, v, err, nil, shared)
-      end
-    end
-    return v, err, shared
-  end
-  M.call, M.classic = classic, classic
-
   local okffi, ffi = pcall(require, "ffi")
   if okffi and core.fast then
     if not pcall(ffi.typeof, "struct singleflight_fast_1") then
@@ -705,7 +748,7 @@ if rawget(_G, "jit") then
       end
       if gd == nil or getmetatable(self) ~= GROUP or type(key) ~= "string"
          or type(fn) ~= "function"
-         or fast_lead(self, key, #key, gd, FLAGS, addr) ~= 0 then
+         or fast_lead(self, key, #key, gd, COUNT, addr) ~= 0 then
         return classic(self, key, fn, ...)
       end
       -- a number, not a pointer: it is only compared with the guard's calls
@@ -734,9 +777,6 @@ end
 
 leader_frames[lead] = true
 leader_frames[M.call] = true
-if M.classic then
-  leader_frames[M.classic] = true
-end
 
 --- g:call in this Lua state only, for a tier above it (shm): its fn is
 -- the tier's.

@@ -1,7 +1,9 @@
 --- singleflight.runner: the leader's step, the one place where the Lua
 -- runtimes differ.
 --
---   run(g, key, fn, ...)     acquire the key (a new call, counted); lead it:
+--   run(g, key, fn, ...)     acquire the key (a new call, counted); lead it
+--                            (5.2 and later: on LuaJIT and 5.1, flow.lua's
+--                            call acquires, and leads through lead below):
 --   rerun(g, key, fn, ...)   the same for a waiter taking over (not counted)
 --   run_local, rerun_local   the same for a tier's own call in this state
 --   lead(g, call, key, fn, ...)   lead a call acquired already (a future's)
@@ -332,16 +334,16 @@ else
   M.lead = lead
   local function runner(flags)
     return function(g, key, fn, ...)
-      local st, c, gd, skey = acquire(g, key, fn, "call", flags)
+      local st, c, gd, skey, opts = acquire(g, key, fn, "call", flags)
       if st ~= 0 then
-        return st, c, gd, skey
+        return st, c, gd, skey, opts
       end
       return lead(g, c, skey, fn, ...)
     end
   end
   -- (DEEPER: errors blame the caller of call, past this frame)
   local DEEPER, LOCAL = core.DEEPER, core.LOCAL
-  M.run, M.rerun = runner(COUNT + DEEPER), runner(DEEPER)
+  M.rerun = runner(DEEPER) -- a new call: flow.lua's call acquires (enter)
   M.run_local, M.rerun_local = runner(COUNT + LOCAL + DEEPER), runner(LOCAL + DEEPER)
 end
 
