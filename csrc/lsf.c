@@ -350,11 +350,15 @@ enum {
 static void push_options(lua_State *L, int idx, int none) {
   lsf_getuservalue(L, idx);
   if (lua_type(L, -1) == LUA_TTABLE) {
+#if LUA_VERSION_NUM < 502
     lua_pushnil(L);
-    if (lua_next(L, -2)) { /* not empty (an empty one: the stand-in of 5.1) */
+    if (lua_next(L, -2)) { /* not empty (an empty one: the stand-in) */
       lua_pop(L, 2);
       return;
     }
+#else
+    return;
+#endif
   }
   lua_pop(L, 1);
   if (none)

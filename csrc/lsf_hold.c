@@ -22,8 +22,22 @@
 
 /* ---- guards ---- */
 
+/* The holder at idx if its metatable is the one at mt (an upvalue): a
+ * compare where luaL_checkudata would look the name up in the registry;
+ * anything else raises luaL_checkudata's error. */
+static void *check_holder(lua_State *L, int idx, int mt, const char *name) {
+  void *p = lua_touserdata(L, idx);
+  if (p && lua_getmetatable(L, idx)) {
+    int same = lua_rawequal(L, -1, mt);
+    lua_pop(L, 1);
+    if (same)
+      return p;
+  }
+  return luaL_checkudata(L, idx, name);
+}
+
 lsf_guard *lsf_check_guard(lua_State *L, int idx) {
-  return (lsf_guard *)luaL_checkudata(L, idx, GUARD_MT);
+  return (lsf_guard *)check_holder(L, idx, UV_GUARD_MT, GUARD_MT);
 }
 
 static lsf_guard *guard_new(lua_State *L) {
@@ -287,7 +301,7 @@ static int lsf__guard_gc(lua_State *L) {
 /* ---- refs ---- */
 
 lsf_ref *lsf_check_ref(lua_State *L, int idx) {
-  return (lsf_ref *)luaL_checkudata(L, idx, REF_MT);
+  return (lsf_ref *)check_holder(L, idx, UV_REF_MT, REF_MT);
 }
 
 /* Pushes the spare ref, no longer spare (spares must exist). */

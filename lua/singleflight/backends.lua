@@ -82,7 +82,9 @@ builtin.coroutine = {
   -- its can_wait is exact where coroutine.isyieldable exists (5.3 and
   -- later, LuaJIT): then its wait can't fail, and goes unprotected
   never_fails = co_isyieldable ~= nil,
-  yields = true, -- wait is a bare coroutine.yield(), which flow.lua may make itself
+  -- wait is a bare coroutine.yield() and wake does nothing: flow.lua may
+  -- yield itself, and count no waiter for wake
+  yields = true,
   wait = function()
     co_yield()
   end,

@@ -646,7 +646,7 @@ function M.call(self, key, fn, ...)
   end
   d = d or DEFAULTS
   local fl, be = flights[a], d.be or backend_of(d)
-  if fl == nil or d.timeout or d.max_age or not be.never_fails
+  if fl == nil or not d.unlimited or not be.never_fails
      or fl.objs[be] == nil or (not sweeping and rawget(_G, "ngx") ~= nil) then
     return join(self, JOINED, a, b, c, rerun, d, fn, ...)
   end
@@ -659,24 +659,23 @@ function M.call(self, key, fn, ...)
   if not st then
     return join(self, JOINED, a, b, c, rerun, d, fn, ...)
   end
-  local counts = fl.counts
+  -- counted in the flight, which stays in flights while n > 0; a bare
+  -- yield's wake does nothing, and needs no count
   fl.n = fl.n + 1
-  counts[be] = counts[be] + 1
   if yields then
     repeat
       co_yield()
     until fl.done or fl.abandoned
   else
+    local counts = fl.counts
+    counts[be] = counts[be] + 1
     local wait, obj = be.wait, fl.objs[be]
     repeat
       wait(obj)
     until fl.done or fl.abandoned
+    counts[be] = counts[be] - 1
   end
-  counts[be] = counts[be] - 1
-  fl.n = fl.n - 1
-  if fl.n == 0 and flights[a] == fl then
-    flights[a] = nil
-  end
+  fl.n = fl.n - 1 -- done or gone took the flight off flights already
   release(b)
   if fl.done then
     if fl.ok then
