@@ -9,6 +9,7 @@
 
 local singleflight = require "singleflight"
 local plain = require "plain"
+local floor_flight = require "floor_flight"
 
 local clock = os.clock
 local co_create, co_resume, co_status, co_yield =
@@ -86,6 +87,7 @@ local function timed_loop(body)
   return assert(loadstring([[
     local ran = ...
     local clock, pcall, gcinfo = os.clock, pcall, rawget(_G, "gcinfo")
+    local running = coroutine.running
     local function fn()
       ]] .. OPAQUE .. [[
 
@@ -106,6 +108,10 @@ local ns_call = timed_loop('g:call("key", fn)')
 local ns_plain = timed_loop('g:call("key", fn)')
 local ns_pcall = timed_loop('pcall(fn)')
 local ns_call_in = timed_loop('g:call("key", fn)') -- run inside a coroutine
+-- LuaJIT's floor (bench/floor_jit.lua): coroutine.running, then the core
+local ns_running = timed_loop('running(); pcall(fn)')
+local ns_floor = timed_loop('g:call("key", fn)')
+local JIT = rawget(_G, "jit") ~= nil
 
 local function in_coroutine(f, ...)
   return coroutine.wrap(f)(...)
@@ -136,6 +142,20 @@ local function uncontended()
   out("plain_ns", median(tp))
   out("pcall_ns", median(tq))
   out("call_co_ns", median(tco))
+  if JIT then -- the floor, side by side with g:call again
+    local fg = require("floor_jit").new()
+    local tr, tf, tg = {}, {}, {}
+    ns_running(nil, warm)
+    ns_floor(fg, warm)
+    for r = 1, rounds do
+      tr[r] = ns_running(nil, n)
+      tf[r] = ns_floor(fg, n)
+      tg[r] = ns_call(g, n)
+    end
+    out("floor_running_ns", median(tr))
+    out("floor_core_ns", median(tf))
+    out("floor_call_ns", median(tg))
+  end
 end
 
 -- Same key under contention: `ncos` coroutines each make `calls` calls of
@@ -164,12 +184,13 @@ end
 
 local function contention()
   local ncos, calls, rounds = 100, scaled(2000, 5), 5
-  local tc, tp = {}, {}
-  local ec, ep
+  local tc, tp, tf = {}, {}, {}
+  local ec, ep, ef
   for r = 1, rounds do
     tc[r], ec = contended(singleflight.new { backend = "coroutine" }, ncos, calls)
     if PLAIN_YIELDS then
       tp[r], ep = contended(plain.new(), ncos, calls)
+      tf[r], ef = contended(floor_flight.new(), ncos, calls)
     end
   end
   out("contended_call_ns", median(tc))
@@ -178,6 +199,8 @@ local function contention()
   if PLAIN_YIELDS then
     out("contended_plain_ns", median(tp))
     out("contended_plain_execs", ep)
+    out("contended_floor_ns", median(tf))
+    assert(ef == ep, "the floor made as many executions as plain")
   end
 end
 
@@ -208,12 +231,13 @@ end
 
 local function stampede()
   local n, rounds = 1000, 5
-  local tc, tp = {}, {}
-  local ec, ep
+  local tc, tp, tf = {}, {}, {}
+  local ec, ep, ef
   for r = 1, rounds do
     tc[r], ec = stampede_once(singleflight.new { backend = "coroutine" }, n)
     if PLAIN_YIELDS then
       tp[r], ep = stampede_once(plain.new(), n)
+      tf[r], ef = stampede_once(floor_flight.new(), n)
     end
   end
   out("stampede_callers", n)
@@ -222,6 +246,8 @@ local function stampede()
   if PLAIN_YIELDS then
     out("stampede_plain_execs", ep)
     out("stampede_plain_ms", median(tp))
+    out("stampede_floor_ms", median(tf))
+    assert(ef == 1, "the floor made one execution")
   end
 end
 

@@ -375,6 +375,15 @@ for _, v in ipairs { "5.4", "jit", "5.1", "5.2", "5.3" } do
         num(get(s .. ".contended_calls"), 0))
     add(name .. " stampede of 1000, ms", "g:call %s, plain %s",
         num(get(s .. ".stampede_ms"), 2), num(get(s .. ".stampede_plain_ms"), 2))
+    if get(s .. ".contended_floor_ns") then
+      add(name .. " floor of a contended g:call: plain's flow over the C core "
+          .. "(bench/floor_flight.lua)",
+          "one key, 100 coroutines: %s ns per call (plain %s, g:call %s); "
+          .. "stampede of 1000: %s ms (plain %s, g:call %s)",
+          num(get(s .. ".contended_floor_ns")), num(get(s .. ".contended_plain_ns")),
+          num(get(s .. ".contended_call_ns")), num(get(s .. ".stampede_floor_ms"), 2),
+          num(get(s .. ".stampede_plain_ms"), 2), num(get(s .. ".stampede_ms"), 2))
+    end
     add(name .. " bytes per in-flight call, Lua heap", "g:call %s, plain %s",
         num(get(s .. ".inflight_lua_bytes")), num(get(s .. ".inflight_plain_bytes")))
   end
@@ -387,6 +396,14 @@ if get("lua-5.4.floor_pcallk_ns") then
       "pcall(fn) %s; C method + lua_pcallk %s; + group check %s; + key and fn "
       .. "checks %s; + main thread test %s; + core acquire/finish %s; g:call %s",
       f("pcall"), f("pcallk"), f("group"), f("args"), f("thread"), f("core"), f("call"))
+end
+if get("lua-jit.floor_core_ns") then
+  add("LuaJIT floor of an uncontended g:call (bench/floor_jit.lua), ns",
+      "pcall(fn) %s; + coroutine.running %s; + the core's lead and finish "
+      .. "(FFI, C) %s; g:call %s; plain %s",
+      num(get("lua-jit.pcall_ns")), num(get("lua-jit.floor_running_ns")),
+      num(get("lua-jit.floor_core_ns")), num(get("lua-jit.floor_call_ns")),
+      num(get("lua-jit.plain_ns")))
 end
 if get("nginx.xworker_shm_p99_ms") then
   add("Across nginx workers, waiters' latency over the backend, ms",

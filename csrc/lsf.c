@@ -166,6 +166,43 @@ static void check_fn(lua_State *L, int idx, int level, int arg,
 
 /* ---- groups ---- */
 
+/*
+ * A named group holds some kilobytes of C memory behind a small handle.
+ * The collector is told of those of handles left open, by the work it
+ * would do had this state allocated them, so that handles dropped without
+ * close are collected, and their groups freed, at the pace of their real
+ * size: once GC_OWED_STEP are owed, in one step (a step of a few
+ * kilobytes is worth next to nothing on Lua 5.2, and two in a row end its
+ * work). A handle closed settles its share: opening and closing groups,
+ * however many others live, asks the collector for nothing (a step costs
+ * the more the larger the heap on Lua 5.1 and LuaJIT, whose step runs
+ * until that much memory was freed).
+ */
+#define GC_OWED_STEP (16 * 1024)
+/* How many kilobytes of a step are worth one owed: "the step 'size' is
+ * controlled by data in a non-specified way" (the manual); Lua 5.2's
+ * step takes off a fixed amount first, and falls behind without more. */
+#if LUA_VERSION_NUM == 502
+#define GC_STEP_KB 4
+#else
+#define GC_STEP_KB 1
+#endif
+
+static void gc_owe(lua_State *L, size_t bytes) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  cx->gc_owed += bytes;
+  if (cx->gc_owed >= GC_OWED_STEP) {
+    int kb = (int)(cx->gc_owed / 1024) * GC_STEP_KB;
+    cx->gc_owed = 0;
+    lua_gc(L, LUA_GCSTEP, kb);
+  }
+}
+
+static void gc_settle(lua_State *L, size_t bytes) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  cx->gc_owed = cx->gc_owed > bytes ? cx->gc_owed - bytes : 0;
+}
+
 /* handle(group) -> the group's handle, protected: a memory error gives
  * the group back. */
 static int push_group_protected(lua_State *L) {
@@ -179,6 +216,7 @@ static int push_group_protected(lua_State *L) {
   lsf_setuservalue(L, -2);
   ug->tag = &lsf_group_tag;
   ug->tiered = 0;
+  ug->owed = 0;
   ug->g = NULL;
   luaL_getmetatable(L, GROUP_MT);
   lua_setmetatable(L, -2);
@@ -195,12 +233,11 @@ static int push_group(lua_State *L, sf_group *g) {
     sf_group_release(g);
     return lua_error(L);
   }
-  /* A named group holds some kilobytes of C memory behind a small handle:
-   * the collector is told, by the work it would do had this state
-   * allocated them, so that dropped handles are collected, and their
-   * groups freed, at the pace of their real size. */
-  if (sf_group_name(g, NULL))
-    lua_gc(L, LUA_GCSTEP, (int)(sf_group_footprint(g) / 1024));
+  if (sf_group_name(g, NULL)) {
+    lsf_group *ug = (lsf_group *)lua_touserdata(L, -1);
+    ug->owed = sf_group_footprint(g);
+    gc_owe(L, ug->owed);
+  }
   return 1;
 }
 
@@ -217,16 +254,28 @@ static int lsf_open(lua_State *L) {
   return push_group(L, sf_group_open(name, len));
 }
 
-static int lsf__group_gc(lua_State *L) {
+/* Lets go of the handle's group; `closed`: by close (or __close), not by
+ * the collector, which was asked for the work of collecting it already. */
+static int group_let_go(lua_State *L, int closed) {
   lsf_group *ug = test_group(L, 1);
   if (!ug)
     return type_error(L, 1, 1, 0, "close", GROUP_MT);
   if (ug->g) {
     sf_group *g = ug->g;
     ug->g = NULL;
+    if (closed)
+      gc_settle(L, ug->owed);
     sf_group_release(g);
   }
   return 0;
+}
+
+static int lsf__group_gc(lua_State *L) {
+  return group_let_go(L, 0);
+}
+
+static int lsf__group_close(lua_State *L) {
+  return group_let_go(L, 1);
 }
 
 static int lsf__group_tostring(lua_State *L) {
@@ -986,14 +1035,14 @@ static const luaL_Reg functions[] = {
 static const luaL_Reg methods[] = {
   {"forget", lsf_forget},
   {"stats", lsf_stats},
-  {"close", lsf__group_gc},
+  {"close", lsf__group_close},
   {NULL, NULL}
 };
 
 static const luaL_Reg group_metamethods[] = {
   {"__gc", lsf__group_gc},
 #if LSF_HAVE_TOCLOSE
-  {"__close", lsf__group_gc},
+  {"__close", lsf__group_close},
 #endif
   {"__tostring", lsf__group_tostring},
   {NULL, NULL}

@@ -61,12 +61,15 @@ typedef struct lsf_ctx {
   lua_State *main_L;             /* the main thread, once seen */
   struct lsf_guard *spare_guard; /* UV_SPARES[1], or NULL */
   struct lsf_ref *spare_ref;     /* UV_SPARES[2], or NULL */
+  size_t gc_owed;                /* C memory the collector was not told
+                                    of yet (see lsf.c, gc_owe) */
 } lsf_ctx;
 
 typedef struct lsf_group {
   const void *tag; /* &lsf_group_tag: a cheap check on the fast path */
   sf_group *g;     /* NULL once closed */
   int tiered;      /* calls go through a tier above this state (shm) */
+  size_t owed;     /* C memory the collector was told of (see gc_owe) */
 } lsf_group;
 
 extern const char lsf_group_tag;

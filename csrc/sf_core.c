@@ -71,6 +71,7 @@ typedef struct sf_shard {
   unsigned nfree;
   int holds_ref;         /* this shard holds a reference on its group */
   uint64_t stats[SF_STAT_COUNT];
+  sf_call *inl[SF_MIN_BUCKETS]; /* the buckets until the table grows */
 } sf_shard;
 
 struct sf_group {
@@ -91,6 +92,12 @@ static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
 static sf_group **registry;     /* buckets, a power of two of them */
 static size_t registry_nbuckets;
 static size_t registry_count;
+/* Process-wide groups freed while others live, kept for the next opens
+ * (opening and closing names would otherwise allocate and initialise a
+ * block of shards each time); freed with the registry. */
+#define SF_SPARE_GROUPS 4
+static sf_group *spare_groups[SF_SPARE_GROUPS];
+static unsigned nspare_groups;
 
 /* ---- helpers ---- */
 
@@ -172,12 +179,10 @@ static void stat_add(sf_shard *sh, int which) {
 static int shard_init(sf_shard *sh) {
   pthread_condattr_t ca;
   memset(sh, 0, sizeof *sh);
-  sh->buckets = calloc(SF_MIN_BUCKETS, sizeof *sh->buckets);
-  if (!sh->buckets)
-    return -1;
+  sh->buckets = sh->inl;
   sh->nbuckets = SF_MIN_BUCKETS;
   if (pthread_mutex_init(&sh->mu, NULL) != 0)
-    goto fail_buckets;
+    return -1;
   if (pthread_condattr_init(&ca) != 0)
     goto fail_mutex;
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -189,8 +194,6 @@ static int shard_init(sf_shard *sh) {
   return 0;
 fail_mutex:
   pthread_mutex_destroy(&sh->mu);
-fail_buckets:
-  free(sh->buckets);
   return -1;
 }
 
@@ -207,28 +210,33 @@ static void shard_destroy(sf_shard *sh) {
     record_free(c);
   }
   /* A group is destroyed only when no call refers to it: the table is empty. */
-  free(sh->buckets);
+  if (sh->buckets != sh->inl)
+    free(sh->buckets);
   pthread_cond_destroy(&sh->cv);
   pthread_mutex_destroy(&sh->mu);
 }
 
+/* A group and its shards are one block: the shards first, at the block's
+ * alignment (sizeof(sf_shard) is a multiple of a cache line), the group
+ * after them. Opening a group is one allocation, whatever else lives. */
 static sf_group *group_alloc(unsigned flags, unsigned nshards) {
-  sf_group *g = calloc(1, sizeof *g);
+  size_t shards = nshards * sizeof(sf_shard);
+  size_t size = shards + sizeof(sf_group);
+  sf_shard *sh;
+  sf_group *g;
   unsigned i;
-  if (!g)
+  size = (size + SF_CACHE_LINE - 1) / SF_CACHE_LINE * SF_CACHE_LINE;
+  sh = aligned_alloc(SF_CACHE_LINE, size);
+  if (!sh)
     return NULL;
-  /* sizeof(sf_shard) is a multiple of its alignment, a cache line */
-  g->shards = aligned_alloc(SF_CACHE_LINE, nshards * sizeof *g->shards);
-  if (!g->shards) {
-    free(g);
-    return NULL;
-  }
+  g = (sf_group *)(void *)((char *)sh + shards);
+  memset(g, 0, sizeof *g);
+  g->shards = sh;
   for (i = 0; i < nshards; i++) {
     if (shard_init(&g->shards[i]) != 0) {
       while (i-- > 0)
         shard_destroy(&g->shards[i]);
-      free(g->shards);
-      free(g);
+      free(sh);
       return NULL;
     }
   }
@@ -243,9 +251,8 @@ static void group_destroy(sf_group *g) {
   unsigned i;
   for (i = 0; i < g->nshards; i++)
     shard_destroy(&g->shards[i]);
-  free(g->shards);
   free(g->name);
-  free(g);
+  free(g->shards); /* the block that holds g too */
 }
 
 /*
@@ -263,7 +270,30 @@ static void group_destroy(sf_group *g) {
  * group's counters.
  */
 
+/* A process-wide group nobody refers to any more, made as new for the
+ * next open: its name freed, its tables back to their inline buckets
+ * (empty: no call refers to it), its counters zero. Its locks stay. */
+static void group_recycle(sf_group *g) {
+  unsigned i;
+  free(g->name);
+  g->name = NULL;
+  g->namelen = 0;
+  g->reg_next = NULL;
+  for (i = 0; i < g->nshards; i++) {
+    sf_shard *sh = &g->shards[i];
+    if (sh->buckets != sh->inl) {
+      free(sh->buckets);
+      sh->buckets = sh->inl;
+      sh->nbuckets = SF_MIN_BUCKETS;
+    }
+    sh->holds_ref = 0;
+    memset(sh->stats, 0, sizeof sh->stats);
+  }
+}
+
 static void group_unref(sf_group *g, unsigned n) {
+  sf_group *spares[SF_SPARE_GROUPS];
+  unsigned nspares = 0;
   if (atomic_fetch_sub_explicit(&g->refs, n, memory_order_acq_rel) != n)
     return;
   if (g->name) {
@@ -281,10 +311,20 @@ static void group_unref(sf_group *g, unsigned n) {
       free(registry);
       registry = NULL;
       registry_nbuckets = 0;
+      nspares = nspare_groups;
+      memcpy(spares, spare_groups, sizeof spares);
+      nspare_groups = 0;
+    } else if (nspare_groups < SF_SPARE_GROUPS) {
+      group_recycle(g);
+      spare_groups[nspare_groups++] = g;
+      g = NULL;
     }
     pthread_mutex_unlock(&registry_mu);
   }
-  group_destroy(g);
+  while (nspares > 0)
+    group_destroy(spares[--nspares]);
+  if (g)
+    group_destroy(g);
 }
 
 /* ---- groups ---- */
@@ -338,7 +378,13 @@ sf_group *sf_group_open(const char *name, size_t len) {
       }
     }
   }
-  g = group_alloc(0, SF_NAMED_SHARDS);
+  if (nspare_groups > 0) {
+    g = spare_groups[--nspare_groups];
+    atomic_store(&g->refs, 1);
+    atomic_store(&g->handles, 1);
+  } else {
+    g = group_alloc(0, SF_NAMED_SHARDS);
+  }
   if (g) {
     g->name = malloc(len + 1);
     if (!g->name) {
@@ -387,8 +433,11 @@ size_t sf_group_count(void) {
 
 size_t sf_group_footprint(const sf_group *g) {
   size_t n = sizeof *g + g->namelen + 1, i;
-  for (i = 0; i < g->nshards; i++)
-    n += sizeof g->shards[i] + g->shards[i].nbuckets * sizeof(sf_call *);
+  for (i = 0; i < g->nshards; i++) {
+    n += sizeof g->shards[i];
+    if (g->shards[i].buckets != g->shards[i].inl)
+      n += g->shards[i].nbuckets * sizeof(sf_call *);
+  }
   return n;
 }
 
@@ -417,7 +466,8 @@ static void table_grow(sf_shard *sh) {
       nb[c->hash & (n - 1)] = c;
     }
   }
-  free(sh->buckets);
+  if (sh->buckets != sh->inl)
+    free(sh->buckets);
   sh->buckets = nb;
   sh->nbuckets = n;
 }

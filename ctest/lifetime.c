@@ -817,12 +817,20 @@ static void out_of_memory(void) {
     finish_publish(c, NULL, 0);
     sf_group_release(g);
   }
-  for (n = 1; n <= 3; n++) {
+  /* every allocation of a new group failing in turn, until one more
+   * allocation than the group makes: then it is made */
+  for (n = 1;; n++) {
     atomic_store(&fail_after, n);
     g = kind == K_NAMED ? sf_group_open("lifetime: oom", 13)
                         : sf_group_new(kind == K_SINGLE ? SF_SINGLE_THREAD : 0);
-    atomic_store(&fail_after, 0);
+    if (atomic_load(&fail_after) != 0) { /* nothing failed: all were made */
+      atomic_store(&fail_after, 0);
+      CHECK(g != NULL && n > 1);
+      sf_group_release(g);
+      break;
+    }
     CHECK(g == NULL);
+    CHECK(n < 16);
   }
   g = new_group();
   sf_group_release(g);
@@ -908,9 +916,31 @@ static void named_groups(void) {
     sf_group_release(b);
   }
   nchecks += 2 * NNAMES;
+  /* a group freed while others live is made anew for another name: its
+   * name, counters and table those of a new group */
+  a = sf_group_open("gamma", 5);
+  sf_count(a, SF_STAT_PANICS);
+  EQ(acq(a, "k", D_LEAD, O_1, SF_ACQ_COUNT_CALL, &c), SF_LEADER);
+  finish_publish(c, NULL, 0);
+  sf_group_release(a);
+  EQ(sf_group_count(), NNAMES);
+  b = sf_group_open("delta", 5);
+  name = sf_group_name(b, &len);
+  CHECK(len == 5 && memcmp(name, "delta", 5) == 0);
+  EQ(count_of(b, SF_STAT_PANICS), 0);
+  EQ(count_of(b, SF_STAT_CALLS), 0);
+  EQ(inflight(b), 0);
+  EQ(acq(b, "k", D_LEAD, O_1, 0, &c), SF_LEADER);
+  c2 = sf_group_open("gamma", 5); /* not the group that was gamma's */
+  CHECK(c2 != b);
+  EQ(count_of(c2, SF_STAT_PANICS), 0);
+  sf_group_release(c2);
+  finish_publish(c, NULL, 0);
+  sf_group_release(b);
   for (i = 0; i < NNAMES; i++)
     sf_group_release(named[i]);
   EQ(sf_group_count(), 0);
+  EQ(atomic_load(&live), 0); /* the groups kept for reuse went with the last */
 }
 
 /* ---- with a second thread: a foreign waiter that blocks ---- */

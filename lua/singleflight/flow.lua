@@ -714,6 +714,8 @@ if rawget(_G, "jit") then
     local addr = ffi.new("uintptr_t[1]")
     local call_at, running_guard = core.call_at, core.guard
     local main_gd -- the main thread's guard, once it has one
+    -- for bench/floor_jit.lua: the same steps, without the rest
+    M.fast = { lead = fast_lead, finish = fast_finish, guards = guards }
 
     -- the rest of a fast lead that someone waits on, or whose fn raised
     local function slow_end(self, key, fn, sf_call, ok, v, err)
