@@ -89,7 +89,25 @@ static int lsf_fast_finish(lua_State *L) {
   return 1;
 }
 
+/* own_guard() -> the running coroutine's guard, made if it has none: what
+ * the fast path leads with. */
+static int lsf_own_guard(lua_State *L) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  lsf_guard *gd;
+  int spare;
+  lua_settop(L, 0);
+  lsf_ensure_spares(L, cx);
+  gd = lsf_guard_for_acquire(L, cx, &spare); /* pushed unless the main's */
+  if (spare && lsf_guard_install(L, gd) != 0)
+    return lsf_raise_nomem(L);
+  lua_settop(L, 0);
+  lua_pushthread(L);
+  lua_rawget(L, UV_GUARDS);
+  return 1;
+}
+
 const luaL_Reg lsf_fast_functions[] = {
+  {"own_guard", lsf_own_guard},
   {"fast_finish", lsf_fast_finish},
   {"fast", lsf_fast},
   {"call_at", lsf_call_at},

@@ -712,72 +712,85 @@ if rawget(_G, "jit") then
     local fast_lead = api.lead
     local fast_finish = core.fast_finish
     local addr = ffi.new("uintptr_t[1]")
-    local call_at, running_guard = core.call_at, core.guard
+    local call_at, own_guard = core.call_at, core.own_guard
     local main_gd -- the main thread's guard, once it has one
     -- for bench/floor_jit.lua: the same steps, without the rest
     M.fast = { lead = fast_lead, finish = fast_finish, guards = guards }
 
-    -- the rest of a fast lead that someone waits on, or whose fn raised
-    local function slow_end(self, key, fn, sf_call, ok, v, err)
+    -- The rest of a fast lead that someone waits on, or whose fn raised:
+    -- settled's statuses need neither the handle nor fn (no take-over).
+    local function slow_end(key, sf_call, ok, v, err)
       local c = call_at(sf_call)
       if not ok then
-        return after(self, key, fn, rerun, settled(c, key, false, v))
+        return after(nil, key, nil, rerun, settled(c, key, false, v))
       end
       local st, a, b, d, e = settled(c, key, true, v, err)
       if st == DONE then
         return a, b, d
       end
-      return after(self, key, fn, rerun, st, a, b, d, e)
+      return after(nil, key, nil, rerun, st, a, b, d, e)
     end
 
-    function M.call(self, key, fn, ...)
-      local n = select("#", ...)
-      if n > 2 then
-        return classic(self, key, fn, ...)
-      end
-      local a1, a2 = ...
-      local co = co_running()
-      local gd
-      if co then
-        gd = guards[co]
+    local function main_guard()
+      main_gd = own_guard()
+      return main_gd
+    end
+
+    -- The fast lead: call enters it in tail position with the n (at most
+    -- two) arguments of fn, x and y, taken before coroutine.running, which
+    -- ends LuaJIT's trace (the trace that goes on after it can't read the
+    -- varargs of a frame entered before it). Its frame is kept small (n,
+    -- x, y then hold fn's results), so that a leader's coroutine stack
+    -- grows no more than plain Lua's would.
+    local function lead_fast(self, key, fn, n, x, y)
+      local gd = co_running()
+      if gd then
+        gd = guards[gd] or own_guard()
       else
-        gd = main_gd
-        if gd == nil then
-          gd = running_guard()
-          main_gd = gd
-        end
+        gd = main_gd or main_guard()
       end
-      if gd == nil or getmetatable(self) ~= GROUP or type(key) ~= "string"
-         or type(fn) ~= "function"
-         or fast_lead(self, key, #key, gd, COUNT, addr) ~= 0 then
-        return classic(self, key, fn, ...)
+      if fast_lead(self, key, #key, gd, COUNT, addr) ~= 0 then
+        if n == 0 then
+          return classic(self, key, fn)
+        elseif n == 1 then
+          return classic(self, key, fn, x)
+        end
+        return classic(self, key, fn, x, y)
       end
       -- a number, not a pointer: it is only compared with the guard's calls
       local sf_call = tonumber(addr[0])
-      -- xpcall(fn, handler, ...) with the arguments taken before
-      -- coroutine.running, which ends LuaJIT's trace: the trace that goes
-      -- on after it can't read the varargs of a frame entered before it
-      local ok, v, err
       if n == 0 then
-        ok, v, err = xpcall(fn, handler)
+        n, x, y = xpcall(fn, handler)
       elseif n == 1 then
-        ok, v, err = xpcall(fn, handler, a1)
+        n, x, y = xpcall(fn, handler, x)
       else
-        ok, v, err = xpcall(fn, handler, a1, a2)
+        n, x, y = xpcall(fn, handler, x, y)
       end
-      if ok then
+      if n then -- x, y: fn's v, err
         local shared = fast_finish(gd, sf_call)
         if shared >= 0 then
-          return v, err, shared == 1
+          return x, y, shared == 1
         end
       end
-      return slow_end(self, key, fn, sf_call, ok, v, err)
+      return slow_end(key, sf_call, n, x, y)
+    end
+    M.lead_fast = lead_fast
+
+    function M.call(self, key, fn, ...)
+      local n = select("#", ...)
+      if n > 2 or getmetatable(self) ~= GROUP or type(key) ~= "string"
+         or type(fn) ~= "function" then
+        return classic(self, key, fn, ...)
+      end
+      return lead_fast(self, key, fn, n, ...)
     end
   end
 end
 
 leader_frames[lead] = true
-leader_frames[M.call] = true
+if M.lead_fast then
+  leader_frames[M.lead_fast] = true
+end
 
 --- g:call in this Lua state only, for a tier above it (shm): its fn is
 -- the tier's.
