@@ -359,7 +359,17 @@ local function inflight()
   local sf = suspended_heap(n, keys, function(fn)
     return function(k) return g:call(k, fn) end
   end)
+  -- the floor: what holding a leading coroutine costs at the least, its
+  -- guard (the finalized holder that sees the coroutine go away)
+  local own_guard = singleflight._core.own_guard
+  local guarded = suspended_heap(n, keys, function(fn)
+    return function(k)
+      own_guard()
+      return fn(k)
+    end
+  end)
   assert(g:stats().inflight == 0)
+  out("inflight_guard_bytes", guarded - base)
   out("inflight_keylen", 8)
   out("inflight_core_bytes", singleflight._core.footprint(8))
   out("inflight_lua_bytes", sf - base)

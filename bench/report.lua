@@ -384,8 +384,10 @@ for _, v in ipairs { "5.4", "jit", "5.1", "5.2", "5.3" } do
           num(get(s .. ".contended_call_ns")), num(get(s .. ".stampede_floor_ms"), 2),
           num(get(s .. ".stampede_plain_ms"), 2), num(get(s .. ".stampede_ms"), 2))
     end
-    add(name .. " bytes per in-flight call, Lua heap", "g:call %s, plain %s",
-        num(get(s .. ".inflight_lua_bytes")), num(get(s .. ".inflight_plain_bytes")))
+    add(name .. " bytes per in-flight call, Lua heap",
+        "g:call %s, plain %s; a coroutine's guard alone %s",
+        num(get(s .. ".inflight_lua_bytes")), num(get(s .. ".inflight_plain_bytes")),
+        num(get(s .. ".inflight_guard_bytes")))
   end
 end
 if get("lua-5.4.floor_pcallk_ns") then

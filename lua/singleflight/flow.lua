@@ -774,13 +774,41 @@ if rawget(_G, "jit") then
       end
       return slow_end(key, sf_call, n, x, y)
     end
-    M.lead_fast = lead_fast
+
+    -- The same for an fn without arguments (the most common: a closure),
+    -- in a frame smaller still: with three more parameters, a leader's
+    -- stack outgrows a new coroutine's on LuaJIT. (The guard's look-up is
+    -- written out in each: a function of its own would return from the
+    -- trace coroutine.running begins, which LuaJIT can't compile.)
+    local function lead_fast0(self, key, fn)
+      local gd = co_running()
+      if gd then
+        gd = guards[gd] or own_guard()
+      else
+        gd = main_gd or main_guard()
+      end
+      if fast_lead(self, key, #key, gd, COUNT, addr) ~= 0 then
+        return classic(self, key, fn)
+      end
+      local sf_call = tonumber(addr[0])
+      local ok, v, err = xpcall(fn, handler)
+      if ok then
+        gd = fast_finish(gd, sf_call) -- whether anyone joined, or -1
+        if gd >= 0 then
+          return v, err, gd == 1
+        end
+      end
+      return slow_end(key, sf_call, ok, v, err)
+    end
+    M.lead_fast, M.lead_fast0 = lead_fast, lead_fast0
 
     function M.call(self, key, fn, ...)
       local n = select("#", ...)
       if n > 2 or getmetatable(self) ~= GROUP or type(key) ~= "string"
          or type(fn) ~= "function" then
         return classic(self, key, fn, ...)
+      elseif n == 0 then
+        return lead_fast0(self, key, fn)
       end
       return lead_fast(self, key, fn, n, ...)
     end
@@ -790,6 +818,7 @@ end
 leader_frames[lead] = true
 if M.lead_fast then
   leader_frames[M.lead_fast] = true
+  leader_frames[M.lead_fast0] = true
 end
 
 --- g:call in this Lua state only, for a tier above it (shm): its fn is
