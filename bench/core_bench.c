@@ -15,6 +15,8 @@
  *   same_execs     executions per 100 calls in the same-key run
  *   waves          2 threads x N waves of callers on one key: waves run
  *   waves_execs    ... and executions (equal when every wave was shared)
+ *   named_10_ns    open + release of a fresh process-wide group's name, with
+ *                  10 others open; named_many_ns: with named_many open
  *   inflight_bytes heap bytes per in-flight call (8-byte key), measured
  *   footprint      sf_call_footprint(8), the record alone
  */
@@ -261,6 +263,38 @@ static long bench_waves(long waves) {
   return w[0].executions + w[1].executions;
 }
 
+/* ---- opening process-wide groups among others ---- */
+
+/* ns per open and release of a fresh name, with `alive` other groups open
+ * (the C core alone: the registry and the groups' memory). */
+static double bench_named(long alive, long n) {
+  sf_group **held = malloc(sizeof *held * (size_t)(alive > 0 ? alive : 1));
+  char name[40];
+  double t, per;
+  long i;
+  static long probes;
+  if (!held)
+    die("out of memory");
+  for (i = 0; i < alive; i++) {
+    int len = snprintf(name, sizeof name, "alive:%ld:%ld", alive, i);
+    if (!(held[i] = sf_group_open(name, (size_t)len)))
+      die("out of memory");
+  }
+  t = now();
+  for (i = 0; i < n; i++) {
+    int len = snprintf(name, sizeof name, "probe:%ld", probes++);
+    sf_group *g = sf_group_open(name, (size_t)len);
+    if (!g)
+      die("out of memory");
+    sf_group_release(g);
+  }
+  per = (now() - t) / (double)n * 1e9;
+  for (i = 0; i < alive; i++)
+    sf_group_release(held[i]);
+  free(held);
+  return per;
+}
+
 /* ---- memory per in-flight call ---- */
 
 static double bench_inflight(long n) {
@@ -323,6 +357,14 @@ int main(int argc, char **argv) {
   wave_execs = bench_waves(waves);
   printf("core waves %ld\n", waves);
   printf("core waves_execs %ld\n", wave_execs);
+
+  for (r = 0; r < ROUNDS; r++) {
+    v[r] = bench_named(10, scaled(20000));
+    par[r] = bench_named(scaled(100000), scaled(20000));
+  }
+  printf("core named_10_ns %.1f\n", median(v, ROUNDS));
+  printf("core named_many_ns %.1f\n", median(par, ROUNDS));
+  printf("core named_many %ld\n", scaled(100000));
 
   printf("core inflight_bytes %.1f\n", bench_inflight(scaled(100000)));
   printf("core footprint %zu\n", sf_call_footprint(8));

@@ -416,6 +416,12 @@ if get("nginx.xworker_shm_p99_ms") then
 end
 add("C core, private group (no locks), ns per acquire+finish", "%s",
     num(get("core.private_ns")))
+if get("core.named_10_ns") then
+  add("C core alone, opening a named group, ns",
+      "with 10 others open %s; with %s others open %s",
+      num(get("core.named_10_ns")), num(get("core.named_many"), 0),
+      num(get("core.named_many_ns")))
+end
 add("C core vs Go, one key, 2 threads, calls/s", "core %s (%s%% executed), Go %s (%s%%)",
     num(get("core.same_ops")), num(get("core.same_execs")),
     num(get("go.same_ops")), num(get("go.same_execs")))
