@@ -113,7 +113,6 @@ enum { DROP_RELEASE, DROP_UNJOIN, DROP_LEAVE };
 typedef struct lsf_fast_api {
   int (*lead)(const lsf_group *ug, const char *key, size_t len, lsf_guard *gd,
               unsigned flags, uintptr_t *addr);
-  int (*finish)(lsf_guard *gd, uintptr_t addr);
 } lsf_fast_api;
 
 /* lsf.c */

@@ -2,15 +2,17 @@
  * lsf_fast.c: the leader's fast path, for LuaJIT's FFI.
  *
  * LuaJIT compiles calls through the FFI into its traces, not calls of
- * lua_CFunctions. The Lua layer reaches these two functions through a
- * table of function pointers (core.fast(), a light userdata), so that the
- * module still exports only luaopen_singleflight_core. They take the
- * payloads of the group's handle and of the running coroutine's guard,
- * which the Lua frame that calls them holds. Anything unusual (a call in
- * flight, a closed or tiered group, a guard out of room, out of memory,
- * somebody waiting at the end) is declined with nothing changed, and the
- * Lua layer goes the classic way, which handles it and says what went
- * wrong.
+ * lua_CFunctions. The Lua layer reaches the lead through a table of
+ * function pointers (core.fast(), a light userdata), so that the module
+ * still exports only luaopen_singleflight_core; it takes the payloads of
+ * the group's handle and of the running coroutine's guard, which the Lua
+ * frame that calls it holds. The finish comes after fn, whose own work
+ * (I/O) ends the trace: it runs in the interpreter, where a classic call
+ * costs less than an FFI one, so it is a classic function. Anything
+ * unusual (a call in flight, a closed or tiered group, a guard out of
+ * room, out of memory, somebody waiting at the end) is declined with
+ * nothing changed, and the Lua layer goes the classic way, which handles
+ * it and says what went wrong.
  */
 #include "lsf.h"
 
@@ -53,7 +55,7 @@ static int fast_finish(lsf_guard *gd, uintptr_t addr) {
   return shared;
 }
 
-static lsf_fast_api fast_api = {fast_lead, fast_finish};
+static lsf_fast_api fast_api = {fast_lead};
 
 /* fast() -> the API (a light userdata), the guards table, the groups'
  * metatable: what the FFI path needs to reach and to check. */

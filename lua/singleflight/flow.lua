@@ -703,7 +703,6 @@ if rawget(_G, "jit") then
         struct singleflight_fast_1 {
           int (*lead)(void *, const char *, size_t, void *, unsigned,
                       uintptr_t *);
-          int (*finish)(void *, uintptr_t);
         };
       ]]
     end
