@@ -128,6 +128,7 @@ lsf_guard *lsf_guard_for_acquire(lua_State *L, lsf_ctx *cx, int *spare);
 lsf_guard *lsf_guard_running(lua_State *L, lsf_ctx *cx);
 int lsf_guard_install(lua_State *L, lsf_guard *gd);
 void lsf_guard_push(lsf_guard *gd, sf_call *c);
+int lsf_guard_find(const lsf_guard *gd, uintptr_t addr);
 int lsf_guard_pop(lsf_guard *gd, sf_call *c);
 lsf_ref *lsf_ref_take_spare(lua_State *L);
 lsf_ref *lsf_ref_join(lua_State *L, sf_call *c);

@@ -44,11 +44,7 @@ static int fast_lead(const lsf_group *ug, const char *key, size_t len,
  * never followed unless it is one of them.
  */
 static int fast_finish(lsf_guard *gd, uintptr_t addr) {
-  int i, shared;
-  for (i = gd->height - 1; i >= 0; i--) {
-    if ((uintptr_t)gd->stack[i] == addr)
-      break;
-  }
+  int i = lsf_guard_find(gd, addr), shared;
   if (i < 0 || sf_finish_alone(gd->stack[i], 0, &shared) != 0)
     return -1;
   lsf_guard_pop(gd, gd->stack[i]);
@@ -71,14 +67,11 @@ static int lsf_fast(lua_State *L) {
 static int lsf_call_at(lua_State *L) {
   uintptr_t addr = (uintptr_t)luaL_checknumber(L, 1);
   lsf_guard *gd = lsf_guard_running(L, lsf_ctx_of(L));
-  int i;
-  for (i = gd ? gd->height - 1 : -1; i >= 0; i--) {
-    if ((uintptr_t)gd->stack[i] == addr) {
-      lua_pushlightuserdata(L, gd->stack[i]);
-      return 1;
-    }
-  }
-  return luaL_error(L, "singleflight: finish of a call this coroutine does not lead");
+  int i = gd ? lsf_guard_find(gd, addr) : -1;
+  if (i < 0)
+    return luaL_error(L, "singleflight: finish of a call this coroutine does not lead");
+  lua_pushlightuserdata(L, gd->stack[i]);
+  return 1;
 }
 
 /* fast_finish(guard, addr) -> fast_finish's result: the same step as a

@@ -179,18 +179,31 @@ void lsf_guard_push(lsf_guard *gd, sf_call *c) {
   gd->stack[gd->height++] = c; /* room was reserved */
 }
 
-/* Takes c off the guard; 0 if it was not there. */
-int lsf_guard_pop(lsf_guard *gd, sf_call *c) {
+/* Where the call at address addr is on the guard (innermost first), or -1.
+ * The address is only compared, never followed. */
+int lsf_guard_find(const lsf_guard *gd, uintptr_t addr) {
   int i;
   for (i = gd->height - 1; i >= 0; i--) {
-    if (gd->stack[i] == c) {
-      memmove(&gd->stack[i], &gd->stack[i + 1],
-              sizeof *gd->stack * (size_t)(gd->height - 1 - i));
-      gd->height--;
-      return 1;
-    }
+    if ((uintptr_t)gd->stack[i] == addr)
+      return i;
   }
-  return 0;
+  return -1;
+}
+
+/* Takes the call at stack[i] off the guard. */
+static void guard_remove(lsf_guard *gd, int i) {
+  memmove(&gd->stack[i], &gd->stack[i + 1],
+          sizeof *gd->stack * (size_t)(gd->height - 1 - i));
+  gd->height--;
+}
+
+/* Takes c off the guard; 0 if it was not there. */
+int lsf_guard_pop(lsf_guard *gd, sf_call *c) {
+  int i = lsf_guard_find(gd, (uintptr_t)c);
+  if (i < 0)
+    return 0;
+  guard_remove(gd, i);
+  return 1;
 }
 
 /* Abandons the calls at stack[from..height), innermost first, and pushes

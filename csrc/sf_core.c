@@ -737,8 +737,10 @@ unsigned sf_finish(sf_call *c, int panicked, int *shared, unsigned *nlocal) {
   return sf_finish_ex(c, panicked, shared, nlocal, &expired);
 }
 
-unsigned sf_finish_ex(sf_call *c, int panicked, int *shared, unsigned *nlocal,
-                      int *expired) {
+/* sf_finish_ex's work; with `alone`, only if nobody waits in any domain:
+ * otherwise nothing is done and -1 returned. */
+static int call_finish(sf_call *c, int panicked, int alone, int *shared,
+                       unsigned *nlocal, int *expired) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
   sf_call *dead = NULL;
@@ -746,33 +748,9 @@ unsigned sf_finish_ex(sf_call *c, int panicked, int *shared, unsigned *nlocal,
   int last = 0, unref = 0;
 
   shard_lock(g, sh);
-  if (c->linked)
-    table_unlink(sh, c);
-  if (panicked)
-    stat_add(sh, SF_STAT_PANICS);
-  *shared = c->dups > 0;
-  *expired = c->expired;
   /* an expired call's foreign waiters were sent to its successor */
-  *nlocal = c->nlocal;
   foreign = c->expired ? 0 : c->foreign;
-  if (foreign == 0) {
-    c->state = SF_DONE;
-    last = call_unref_locked(g, sh, c, &dead, &unref);
-  }
-  shard_unlock(g, sh);
-  if (last)
-    call_dispose(g, dead, unref);
-  return foreign;
-}
-
-int sf_finish_alone(sf_call *c, int panicked, int *shared) {
-  sf_group *g = c->group;
-  sf_shard *sh = call_shard(c);
-  sf_call *dead = NULL;
-  int last, unref = 0;
-
-  shard_lock(g, sh);
-  if (c->nlocal > 0 || (c->foreign > 0 && !c->expired)) {
+  if (alone && (c->nlocal > 0 || foreign > 0)) {
     shard_unlock(g, sh);
     return -1;
   }
@@ -781,12 +759,27 @@ int sf_finish_alone(sf_call *c, int panicked, int *shared) {
   if (panicked)
     stat_add(sh, SF_STAT_PANICS);
   *shared = c->dups > 0;
-  c->state = SF_DONE;
-  last = call_unref_locked(g, sh, c, &dead, &unref);
+  *expired = c->expired;
+  *nlocal = c->nlocal;
+  if (foreign == 0) {
+    c->state = SF_DONE;
+    last = call_unref_locked(g, sh, c, &dead, &unref);
+  }
   shard_unlock(g, sh);
   if (last)
     call_dispose(g, dead, unref);
-  return 0;
+  return (int)foreign;
+}
+
+unsigned sf_finish_ex(sf_call *c, int panicked, int *shared, unsigned *nlocal,
+                      int *expired) {
+  return (unsigned)call_finish(c, panicked, 0, shared, nlocal, expired);
+}
+
+int sf_finish_alone(sf_call *c, int panicked, int *shared) {
+  unsigned nlocal;
+  int expired;
+  return call_finish(c, panicked, 1, shared, &nlocal, &expired) < 0 ? -1 : 0;
 }
 
 void sf_publish(sf_call *c, void *payload, sf_free_fn freefn) {
