@@ -641,12 +641,9 @@ function M.call(self, key, fn, ...)
   elseif st ~= JOINED then
     return after(self, key, fn, rerun, st, a, b, c, d, ...)
   end
-  if d == nil then
-    d = opts_of[self]
-  end
   d = d or DEFAULTS
   local fl, be = flights[a], d.be or backend_of(d)
-  if fl == nil or not d.unlimited or not be.never_fails
+  if fl == nil or d.timeout or d.max_age or not be.never_fails
      or fl.objs[be] == nil or (not sweeping and rawget(_G, "ngx") ~= nil) then
     return join(self, JOINED, a, b, c, rerun, d, fn, ...)
   end

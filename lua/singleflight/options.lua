@@ -10,7 +10,7 @@ local sfmt = string.format
 
 local M = {}
 
-M.DEFAULTS = { on_timeout = "error", backend = "auto", unlimited = true }
+M.DEFAULTS = { on_timeout = "error", backend = "auto" }
 
 -- Raised from check (level 1) or a function it calls (level 2): blames the
 -- caller of new or group.
@@ -110,8 +110,6 @@ function M.check(fname, argn, opts)
       error(sfmt("bad option '%s' to '%s' (unknown option)", tostring(k), fname), 3)
     end
   end
-  -- a duplicate's wait with neither limit is the common one (flow.lua)
-  o.unlimited = o.timeout == nil and o.max_age == nil
   if o.redis and not o.shm then
     option_error(fname, "redis", "needs shm beside it: a fleet is deduplicated "
                  .. "within each instance first")
