@@ -56,23 +56,7 @@ function M.trouble(log)
   return out
 end
 
-function M.times(n, path)
-  local t = {}
-  for i = 1, n do
-    t[i] = path
-  end
-  return t
-end
-
---- field value -> how many answers have it
-function M.tally(answers, field)
-  local t = {}
-  for _, a in ipairs(answers) do
-    local v = a.fields[field] or "(none)"
-    t[v] = (t[v] or 0) + 1
-  end
-  return t
-end
+M.times, M.tally = ns.times, ns.tally
 
 --- The distinct values of `field`, sorted, as a list.
 function M.distinct(answers, field)
