@@ -1107,6 +1107,7 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_setmetatable(L, slots[0]);
   cx = (lsf_ctx *)lua_newuserdata(L, sizeof *cx);
   memset(cx, 0, sizeof *cx);
+  cx->anchors = lsf_anchors_find(L);
   slots[1] = lua_gettop(L);
   luaL_newmetatable(L, GROUP_MT);
   slots[2] = lua_gettop(L);
@@ -1125,6 +1126,8 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
 
   lsf_push_closed(L); /* the guards' stand-in */
   slots[7] = lua_gettop(L);
+  lua_newtable(L); /* tracked guards */
+  slots[8] = lua_gettop(L);
 
   lua_pushliteral(L, GROUP_MT);
   lua_setfield(L, slots[2], "__name");

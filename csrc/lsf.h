@@ -22,7 +22,7 @@
 #include "sf_core.h"
 #include "lsf_compat.h"
 
-#define LSF_VERSION "0.2.0"
+#define LSF_VERSION "0.3.0-dev"
 
 #define GROUP_MT "singleflight.Group"
 #define GUARD_MT "singleflight.Guard"
@@ -47,7 +47,9 @@ enum {
 #define UV_SPARES lua_upvalueindex(6) /* {guard, ref} made ahead of need */
 #define UV_JOINS lua_upvalueindex(7)  /* call -> its same-state joiners' ref */
 #define UV_CLOSED lua_upvalueindex(8) /* a guard's stand-in (see lsf.c) */
-#define LSF_NUPVALUES 8
+#define UV_TRACKED lua_upvalueindex(9) /* guard -> true: see lsf_hold.c,
+                                          anchors */
+#define LSF_NUPVALUES 9
 
 /* Slots of the spares table. */
 enum { SPARE_GUARD = 1, SPARE_REF = 2 };
@@ -63,6 +65,11 @@ typedef struct lsf_ctx {
   struct lsf_ref *spare_ref;     /* UV_SPARES[2], or NULL */
   size_t gc_owed;                /* C memory the collector was not told
                                     of yet (see lsf.c, gc_owe) */
+  void *anchors;                 /* the registry key of nginx's table of
+                                    running coroutines, or NULL (see
+                                    lsf_hold.c, anchors) */
+  int ntracked, prune_at;        /* UV_TRACKED's size, and the size at
+                                    which installing a guard prunes it */
 } lsf_ctx;
 
 typedef struct lsf_group {
@@ -82,6 +89,10 @@ typedef struct lsf_guard {
   uintptr_t domain; /* and the domain: the state's lsf_ctx */
   int height;
   int marks;     /* leader frames that close the guard (5.4) */
+  int anchor;    /* where nginx's table of running coroutines held the
+                    guard's coroutine when it got the guard; 0: nowhere */
+  uintptr_t co;  /* that coroutine's address: only compared, never
+                    followed (the guard does not keep it alive) */
   int cap;
   sf_call **stack;
   sf_call *inl[GUARD_INLINE];
@@ -135,6 +146,7 @@ lsf_ref *lsf_ref_join(lua_State *L, sf_call *c);
 void lsf_ref_drop(lua_State *L, lsf_ref *r, int how);
 lsf_ref *lsf_check_ref(lua_State *L, int idx);
 lsf_guard *lsf_check_guard(lua_State *L, int idx);
+void *lsf_anchors_find(lua_State *L);
 void lsf_ensure_spares(lua_State *L, lsf_ctx *cx);
 
 /* lsf_copy.c: payloads for sf_publish, and strings for encode/decode */

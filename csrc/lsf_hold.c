@@ -14,11 +14,220 @@
  * spare guard and a spare ref (made ahead, when none is left) so that no
  * allocation can fail between the core handing out a reference and the
  * holder receiving it.
+ *
+ * Inside nginx, a guard also notes where nginx's Lua module keeps its
+ * coroutine (see anchors below): a sure sign, read in constant time, that
+ * a leader's light thread was killed or its request ended.
  */
+#define _GNU_SOURCE /* RTLD_DEFAULT */
 #include "lsf.h"
 
+#include <dlfcn.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* ---- anchors ----
+ *
+ * nginx's Lua module (ngx_lua, OpenResty) keeps every coroutine it runs
+ * for nginx (a request's entry thread, a light thread, a timer's) in a
+ * table of the registry, at an integer index of its own, and takes it out
+ * when the coroutine is killed (ngx.thread.kill, ngx.exit, a client that
+ * went away) or its request ends. The table's registry key is the address
+ * of a global variable of the module, which nginx loads with its symbols
+ * visible to the modules loaded after it. A coroutine that was there when
+ * it first led and is there no longer was let go by nginx: whatever still
+ * holds it (a light thread's handle in a local, say), nginx will never
+ * resume it. Coroutines made by the application (coroutine.create) are
+ * never there, and are judged by other means.
+ */
+
+static const char *const anchor_symbols[] = {
+  "ngx_http_lua_coroutines_key", "ngx_stream_lua_coroutines_key", NULL
+};
+
+/* Pushes nginx's table of running coroutines, or nil. */
+static void push_anchors(lua_State *L, const lsf_ctx *cx) {
+  if (!cx->anchors) {
+    lua_pushnil(L);
+    return;
+  }
+  lua_pushlightuserdata(L, cx->anchors);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+}
+
+/* The registry key of nginx's table of running coroutines in this state,
+ * or NULL outside nginx. Light userdata hold 47 bits on LuaJIT's 64-bit
+ * builds: ngx_lua masks its keys the same way. */
+void *lsf_anchors_find(lua_State *L) {
+  int i;
+  for (i = 0; anchor_symbols[i]; i++) {
+    void *sym = dlsym(RTLD_DEFAULT, anchor_symbols[i]);
+    if (sym) {
+      void *key = (void *)((uintptr_t)sym & (((uintptr_t)1 << 47) - 1));
+      int found;
+      lua_pushlightuserdata(L, key);
+      lua_rawget(L, LUA_REGISTRYINDEX);
+      found = lua_istable(L, -1);
+      lua_pop(L, 1);
+      if (found)
+        return key;
+    }
+  }
+  return NULL;
+}
+
+/* Where nginx keeps the running coroutine, or 0. One walk of the table:
+ * done once per coroutine, when it first leads. Allocates nothing. */
+static int anchor_of_running(lua_State *L, const lsf_ctx *cx) {
+  int slot = 0;
+  if (!cx->anchors || !lua_checkstack(L, 4))
+    return 0;
+  push_anchors(L, cx);
+  if (lua_istable(L, -1)) {
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      if (lua_tothread(L, -1) == L && lua_type(L, -2) == LUA_TNUMBER) {
+        slot = (int)lua_tointeger(L, -2);
+        lua_pop(L, 2);
+        break;
+      }
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  return slot;
+}
+
+/* Is the guard's coroutine still where nginx kept it? t: the index of
+ * nginx's table. A coroutine collected since is not there: the table would
+ * have kept it. */
+static int still_anchored(lua_State *L, int t, const lsf_guard *gd) {
+  int there;
+  lua_rawgeti(L, t, gd->anchor);
+  there = lua_type(L, -1) == LUA_TTHREAD && (uintptr_t)lua_tothread(L, -1) == gd->co;
+  lua_pop(L, 1);
+  return there;
+}
+
+/*
+ * The guards of coroutines that nginx kept are tracked (UV_TRACKED holds
+ * them, not their coroutines), so that a sweep finds the calls of one that
+ * nginx let go even after the collector took the coroutine and before the
+ * guard's finalizer runs (a cycle later, on LuaJIT). A guard leaves the
+ * set when the sweep finds its coroutine let go (orphans), or, leading
+ * nothing, when the set is pruned: installing a guard prunes it once it
+ * has doubled since the last prune, so the set stays as large as the
+ * coroutines nginx keeps that have led.
+ */
+static void anchors_prune(lua_State *L, lsf_ctx *cx) {
+  int n = 0, t;
+  push_anchors(L, cx);
+  t = lua_gettop(L);
+  lua_pushnil(L);
+  while (lua_next(L, UV_TRACKED)) { /* guard, true */
+    const lsf_guard *gd = (const lsf_guard *)lua_touserdata(L, -2);
+    lua_pop(L, 1);
+    if (gd->height == 0 && (!lua_istable(L, t) || !still_anchored(L, t, gd))) {
+      lua_pushvalue(L, -1);
+      lua_pushnil(L);
+      lua_rawset(L, UV_TRACKED); /* clearing a field never allocates */
+    } else {
+      n++;
+    }
+  }
+  lua_settop(L, t - 1);
+  cx->ntracked = n;
+  cx->prune_at = 2 * n + 64;
+}
+
+static int track_protected(lua_State *L) {
+  /* 1: the guard, 2: the tracked set */
+  lua_pushvalue(L, 1);
+  lua_pushboolean(L, 1);
+  lua_rawset(L, 2);
+  return 0;
+}
+
+/* Tracks the running coroutine's guard, just installed. Untracked if
+ * memory runs out: anchored() still sees its coroutine let go. */
+static void anchors_track(lua_State *L, lsf_ctx *cx) {
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 6))
+    return;
+  if (cx->ntracked >= cx->prune_at)
+    anchors_prune(L, cx);
+  lua_pushcfunction(L, track_protected);
+  lua_pushthread(L);
+  lua_rawget(L, UV_GUARDS);
+  lua_pushvalue(L, UV_TRACKED);
+  if (lua_pcall(L, 2, 0, 0) == 0)
+    cx->ntracked++;
+  lua_settop(L, top);
+}
+
+/* orphans() -> guard, ...: the tracked guards that still lead calls and
+ * whose coroutine nginx let go (killed, its request ended, or collected
+ * since). They are tracked no longer: the caller abandons their calls. */
+static int lsf_orphans(lua_State *L) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  int n = 0, i;
+  lua_settop(L, 0);
+  lua_newtable(L); /* 1: the list */
+  push_anchors(L, cx); /* 2 */
+  if (!lua_istable(L, 2))
+    return 0;
+  lua_pushnil(L);
+  while (lua_next(L, UV_TRACKED)) { /* 3: guard, 4: true */
+    const lsf_guard *gd = (const lsf_guard *)lua_touserdata(L, 3);
+    lua_pop(L, 1);
+    if (!still_anchored(L, 2, gd)) {
+      if (gd->height > 0) {
+        lua_pushvalue(L, 3);
+        lua_rawseti(L, 1, ++n);
+      }
+      lua_pushvalue(L, 3);
+      lua_pushnil(L);
+      lua_rawset(L, UV_TRACKED);
+      cx->ntracked--;
+    }
+  }
+  luaL_checkstack(L, n, "too many orphans");
+  for (i = 1; i <= n; i++)
+    lua_rawgeti(L, 1, i);
+  return n;
+}
+
+/* anchored(co) -> true if nginx still keeps co where it kept it when co
+ * first led, false if it no longer does (co was let go), nil if there is
+ * nothing to go by (outside nginx, co never led, or nginx never kept it). */
+static int lsf_anchored(lua_State *L) {
+  const lsf_ctx *cx = lsf_ctx_of(L);
+  lua_State *co;
+  lsf_guard *gd;
+  luaL_checktype(L, 1, LUA_TTHREAD);
+  co = lua_tothread(L, 1);
+  lua_settop(L, 1);
+  lua_rawget(L, UV_GUARDS); /* 1: the guard */
+  gd = (lsf_guard *)lua_touserdata(L, 1);
+  if (!gd || gd->anchor <= 0 || !cx->anchors) {
+    lua_pushnil(L);
+    return 1;
+  }
+  push_anchors(L, cx);
+  if (!lua_istable(L, -1)) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_pushboolean(L, gd->co == (uintptr_t)co && still_anchored(L, lua_gettop(L), gd));
+  return 1;
+}
+
+/* anchors() -> whether nginx's table of running coroutines was found. */
+static int lsf_anchors(lua_State *L) {
+  lua_pushboolean(L, lsf_ctx_of(L)->anchors != NULL);
+  return 1;
+}
 
 /* ---- guards ---- */
 
@@ -170,8 +379,12 @@ int lsf_guard_install(lua_State *L, lsf_guard *gd) {
   cx->spare_guard = NULL;
   lua_pushnil(L);
   lua_rawseti(L, UV_SPARES, SPARE_GUARD); /* a nil store never allocates */
-  if (L == cx->main_L)
+  if (L == cx->main_L) {
     cx->main_guard = gd;
+  } else if ((gd->anchor = anchor_of_running(L, cx)) > 0) {
+    gd->co = (uintptr_t)L;
+    anchors_track(L, cx);
+  }
   return 0;
 }
 
@@ -440,6 +653,9 @@ static int lsf_alias(lua_State *L) {
 
 const luaL_Reg lsf_holder_functions[] = {
   {"alias", lsf_alias},
+  {"anchored", lsf_anchored},
+  {"anchors", lsf_anchors},
+  {"orphans", lsf_orphans},
   {"abandon", lsf_abandon},
   {"abandon_call", lsf_abandon_call},
   {"leaders", lsf_leaders},

@@ -176,6 +176,12 @@ describe("OpenResty, a leader whose request ends inside fn", function()
     assert.equal(0, st.inflight)
   end)
 
+  it("the library ran no garbage collection to find any of them", function()
+    local a = ns.get(port, "/library_collections", GUARD)
+    assert.equal(200, a.status)
+    assert.equal("0", a.fields.n)
+  end)
+
   if os.getenv("SINGLEFLIGHT_NGINX_VALGRIND") == "1" then
     it("valgrind saw no invalid read or write in nginx", function()
       local errors = server.valgrind_errors()

@@ -4,6 +4,22 @@
 -- handlers named cc_*, which serve a server with lua_code_cache off: a Lua
 -- state per request, meeting in singleflight.group("cc") and a shared
 -- dict). Each handler answers with lines of key=value.
+-- Counts the garbage collections asked for by the library's own files
+-- (it must ask for none): set before the library is loaded, so that a
+-- module that keeps collectgarbage in a local keeps this one.
+local library_collections = 0
+do
+  local collect = collectgarbage
+  _G.collectgarbage = function(opt, ...)
+    local src = debug.getinfo(2, "S").source
+    if (opt == nil or opt == "collect" or opt == "step")
+       and src:find("/singleflight/", 1, true) then
+      library_collections = library_collections + 1
+    end
+    return collect(opt, ...)
+  end
+end
+
 local singleflight = require "singleflight"
 local ngx_backend = require "singleflight.backend.ngx"
 
@@ -274,8 +290,8 @@ function handlers.kill_then_call(args)
   end)
   local leading = g:stats().executions == before.executions + 1
   local killed = ngx.thread.kill(co) and true or false
-  co = nil -- luacheck: ignore 311 (dropped: the collector sees it go)
-  if args.collect then -- one cycle before anyone waits
+  if args.collect then -- the application drops the thread, and a cycle
+    co = nil -- runs before anyone waits
     collectgarbage()
   end
   local out = { leading = leading, killed = killed }
@@ -287,6 +303,9 @@ function handlers.kill_then_call(args)
   end
   local st = g:stats()
   out.inflight, out.abandoned = st.inflight, st.abandoned - before.abandoned
+  -- the application keeps its handle on the thread to the end, as code
+  -- that spawned it does
+  out.thread = co and coroutine.status(co) or "dropped"
   reply(out)
 end
 
@@ -456,6 +475,11 @@ function handlers.starts()
     end
   end
   reply(out)
+end
+
+--- How many collections the library asked for.
+function handlers.library_collections()
+  reply({ n = library_collections })
 end
 
 function handlers.stats(args)

@@ -120,9 +120,13 @@ M.in_openresty = in_openresty
 -- "auto": the scheduler the caller is running under, if any.
 local function auto()
   if in_openresty() then
+-- An nginx worker's Lua (its event loop runs timers): not a Lua state of
+-- ngx.run_worker_thread, which has ngx.get_phase but neither timers nor
+-- sleep, and whose OS thread may block like any other.
     return get("ngx")
   end
   local loaded = package.loaded
+         and type(ngx.timer) == "table"
   local cq = loaded.cqueues
   if type(cq) == "table" and type(cq.running) == "function" and cq.running() then
     return get("cqueues")

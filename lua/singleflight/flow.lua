@@ -463,14 +463,17 @@ end
 ---------------------------------------------------------------------------
 -- Leaders that went away unseen
 --
--- A coroutine that goes away is seen by its guard's finalizer. OpenResty
--- also ends requests by killing their coroutines (ngx.exit, ngx.exec, a
--- client abort, a killed light thread) and hands the coroutines, reset, to
--- later requests: no finalizer runs, and a later request on the same
--- coroutine would look like its own leader. So a lead counts only while
--- its frame is on its coroutine's stack, checked where it matters: at a
--- would-be recursion, and by a sweep that a timer runs in every nginx
--- worker where someone waits.
+-- A coroutine that goes away is seen by its guard's finalizer, whenever
+-- the collector gets to it (the library never runs a collection itself).
+-- OpenResty also ends requests by killing their coroutines (ngx.exit,
+-- ngx.exec, a client abort, a killed light thread), with no finalizer:
+-- nginx lets go of such a coroutine (core.anchored says so at once, even
+-- while the application still holds it), or resets it and hands it to a
+-- later request, where it would look like its own leader. So a lead
+-- counts only while nginx keeps its coroutine and its frame is on that
+-- coroutine's stack, checked where it matters: at a would-be recursion,
+-- and by a sweep that a timer runs in every nginx worker where someone
+-- waits.
 
 -- Is a leader frame of call c on co's stack? Leader frames (the Lua ones
 -- of LuaJIT, where OpenResty runs) keep the call in a local named sf_call:
@@ -530,79 +533,45 @@ function check_recursion(c, gd, skey)
 end
 
 local SWEEP_EVERY = 0.5
--- A light thread killed by ngx.thread.kill (or ended with its request)
--- keeps its stack: only the collector sees it go. When waiters have sat
--- on such a suspended leader for this many sweeps, the sweep runs a full
--- collection, once per such leader: one still there after it is alive (or
--- held by the application), and is not collected for again.
-local SUSPECT_SWEEPS = 2
-local suspects = {} -- call -> sweeps it was seen suspended with waiters
-local cleared = setmetatable({}, { __mode = "k" }) -- flight -> collected for
+local anchored, orphans = core.anchored, core.orphans
 
---- Abandons the calls whose leader frame is gone; returns whether any
--- call is still led or waited on in this state, and whether a collection
--- is due (to be run once this frame, which held the coroutines, is gone).
-function M.sweep()
-  local list = { leaders() }
-  local seen, collect, led_here = {}, false, {}
-  -- a call waited on here: suspect after SUSPECT_SWEEPS, then collect once
-  local function suspect(c)
-    local fl = flights[c]
-    if fl and not cleared[fl] then
-      local n = (suspects[c] or 0) + 1
-      seen[c] = n
-      if n >= SUSPECT_SWEEPS then
-        collect = true
-        cleared[fl] = true
-      end
-    end
+local function gone_all_of(...)
+  for i = 1, select("#", ...) do
+    gone_all(abandon((select(i, ...))))
   end
+end
+
+--- Abandons the calls whose leader is surely gone: its coroutine is dead,
+-- nginx let it go (killed, or its request ended: see core.anchored), or
+-- its leader frame is no longer on its stack (nginx reset the coroutine
+-- and handed it to a later request). Costs a look per leader and a walk
+-- of each suspended leader's stack; never a garbage collection. Returns
+-- whether any call is still led or waited on in this state.
+function M.sweep()
+  -- the calls of coroutines nginx let go, collected since or not
+  gone_all_of(orphans())
+  local list = { leaders() }
   for i = 1, #list, 2 do
     local co, gd = list[i], list[i + 1]
     local status = co_status(co)
-    local led = { calls(gd) }
-    for j = 1, #led do
-      led_here[led[j]] = true
-    end
-    if status == "dead" then
+    if status == "dead" or anchored(co) == false then
       gone_all(abandon(gd))
     elseif status ~= "running" then
+      local led = { calls(gd) }
       for j = 1, #led do
         local c = led[j]
-        if not led_on(co, c) then
-          if abandon_call(gd, c) then
-            gone(c)
-          end
-        elseif status == "suspended" then
-          suspect(c)
+        if not led_on(co, c) and abandon_call(gd, c) then
+          gone(c)
         end
       end
     end
   end
-  -- Waited on, led by no coroutine listed: its leader's coroutine was
-  -- collected and its guard waits for the next cycle to be finalized (LuaJIT
-  -- and 5.1 finalize a value of a weak-keyed table a cycle after its key),
-  -- or a started call's light thread has not run yet.
-  for c in pairs(flights) do
-    if not led_here[c] then
-      suspect(c)
-    end
-  end
-  suspects = seen
-  return #list > 0 or next(flights) ~= nil, collect
+  return #list > 0 or next(flights) ~= nil
 end
 
 local function tick(premature)
   sweeping = false
-  if premature then
-    return
-  end
-  local busy, collect = M.sweep()
-  if collect then -- twice: on LuaJIT and 5.1, a guard in a weak-keyed table
-    collectgarbage() -- is finalized a cycle after its coroutine
-    collectgarbage()
-  end
-  if busy then
+  if not premature and M.sweep() then
     M.watch()
   end
 end
@@ -614,8 +583,7 @@ function M.watch()
   if sweeping or not backends.in_openresty() then
     return
   end
-  local ngx = rawget(_G, "ngx")
-  local ok, armed = pcall(ngx.timer.at, SWEEP_EVERY, tick)
+  local ok, armed = pcall(rawget(_G, "ngx").timer.at, SWEEP_EVERY, tick)
   sweeping = ok and armed and true or false
 end
 
