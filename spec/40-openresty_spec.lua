@@ -207,6 +207,19 @@ describe("OpenResty", function()
     assert.equal("via timer in phase timer", b.fields.value)
   end)
 
+  -- regression: a duplicate in a worker thread armed the sweep's timer,
+  -- which the thread's Lua state does not have
+  it("duplicates in ngx.run_worker_thread block in the core and share the result",
+     function()
+    local a = ns.get(port, "/worker_threads?key=wt1&n=4", 10 * ns.patience)
+    assert.is_nil(a.timed_out)
+    assert.equal(200, a.status)
+    assert.equal("leader/true", a.fields.leader)
+    for i = 1, 4 do
+      assert.equal("leader/true", a.fields["dup" .. i])
+    end
+  end)
+
   it("nginx logged no Lua errors", function()
     local log = server.log()
     assert.is_nil(log:match("[^\n]*%[error%][^\n]*"))

@@ -105,6 +105,7 @@ pid logs/nginx.pid;
 error_log logs/error.log @LOGLEVEL@;
 load_module @NDK@;
 load_module @LUA@;
+thread_pool singleflight_spec threads=4;
 
 events {
   worker_connections 1024;

@@ -477,6 +477,36 @@ function handlers.starts()
   reply(out)
 end
 
+--- A leader in this worker's Lua state, and ?n= duplicates in Lua states
+-- of nginx's thread pool (ngx.run_worker_thread): they block their OS
+-- threads in the core and share the leader's result.
+function handlers.worker_threads(args)
+  local g, key, n = singleflight.group("worker_thread"), args.key, tonumber(args.n)
+  local leader = ngx.thread.spawn(function()
+    return g:call(key, function()
+      ngx.sleep(0.5)
+      return "leader"
+    end)
+  end)
+  local dups = {}
+  for i = 1, n do
+    dups[i] = ngx.thread.spawn(function()
+      return ngx.run_worker_thread("singleflight_spec", "ngx_worker_thread", "dup", key)
+    end)
+  end
+  local out = {}
+  local _, v, _, shared = ngx.thread.wait(leader)
+  out.leader = v .. "/" .. tostring(shared)
+  for i = 1, n do
+    local _, ok, dv, err, dshared = ngx.thread.wait(dups[i])
+    out["dup" .. i] = ok and (tostring(dv) .. "/" .. tostring(dshared)) or ("error: " .. tostring(dv))
+    if ok and dv == nil then
+      out["dup" .. i] = "nil: " .. tostring(err)
+    end
+  end
+  reply(out)
+end
+
 --- How many collections the library asked for.
 function handlers.library_collections()
   reply({ n = library_collections })
