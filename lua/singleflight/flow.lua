@@ -535,6 +535,17 @@ end
 local SWEEP_EVERY = 0.5
 local anchored, orphans = core.anchored, core.orphans
 
+-- Inside nginx, the table of running coroutines must be there (see
+-- core.anchored); said once in the log if it is not.
+if backends.in_openresty() and not core.anchors() then
+  local ngx = rawget(_G, "ngx")
+  ngx.log(ngx.WARN, "singleflight: nginx's table of running coroutines ",
+          "(ngx_http_lua_coroutines_key) was not found: a leader whose light ",
+          "thread is killed, or whose request ends, is taken over only once ",
+          "its coroutine is reset or collected, or by the waiters' timeout ",
+          "or max_age")
+end
+
 local function gone_all_of(...)
   for i = 1, select("#", ...) do
     gone_all(abandon((select(i, ...))))
