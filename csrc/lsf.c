@@ -8,6 +8,7 @@
  */
 #include "lsf.h"
 
+#include <float.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,22 +108,28 @@ static sf_group *check_group(lua_State *L, int idx, int level,
 /* ---- keys ---- */
 
 /* A number as the shortest text that reads back as the same number; an
- * integral one as an integer, so that 1, 1.0 and "1" are one key. */
-static void push_number_key(lua_State *L, int idx) {
+ * integral one as an integer, so that 1, 1.0 and "1" are one key; +-inf as
+ * "1e9999" and "-1e9999", the literals Lua's own string.format("%q") writes
+ * for them (tonumber reads them back as +-inf on every Lua; "inf" stays a
+ * string of its own). NaN is no key, as it is no table index: 0 returned,
+ * nothing pushed. */
+static int push_number_key(lua_State *L, int idx) {
   char buf[64];
   lua_Number d;
 #if LSF_HAVE_INTEGERS
   if (lua_isinteger(L, idx)) {
     lua_pushfstring(L, "%I", (LUAI_UACINT)lua_tointeger(L, idx));
-    return;
+    return 1;
   }
 #endif
   d = lua_tonumber(L, idx);
+  if (d != d)
+    return 0;
   if (d >= -9223372036854775808.0 && d < 9223372036854775808.0 &&
       d == (lua_Number)(long long)d) {
     snprintf(buf, sizeof buf, "%lld", (long long)d);
-  } else if (d != d) {
-    snprintf(buf, sizeof buf, "%s", "nan");
+  } else if (d > DBL_MAX || d < -DBL_MAX) {
+    snprintf(buf, sizeof buf, "%s", d > 0 ? "1e9999" : "-1e9999");
   } else {
     int prec;
     for (prec = 15; prec <= 17; prec++) {
@@ -132,6 +139,7 @@ static void push_number_key(lua_State *L, int idx) {
     }
   }
   lua_pushstring(L, buf);
+  return 1;
 }
 
 /* The key at idx as bytes; a number is replaced in place by its text. */
@@ -141,7 +149,8 @@ static const char *check_key(lua_State *L, int idx, size_t *len, int level,
   case LUA_TSTRING:
     return lua_tolstring(L, idx, len);
   case LUA_TNUMBER:
-    push_number_key(L, idx);
+    if (!push_number_key(L, idx))
+      arg_error(L, level, arg, fname, "key is NaN");
     lua_replace(L, idx);
     return lua_tolstring(L, idx, len);
   default:

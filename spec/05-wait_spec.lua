@@ -15,25 +15,28 @@ end
 local hold = helpers.hold
 
 -- A custom backend on a round-robin scheduler, logging what it is asked.
+-- A backend that logs its calls: the backend, and its record { log, objs }
+-- (a backend table has the interface's fields only).
 local function logging_backend(extra)
-  local be = { log = {}, objs = {} }
+  local rec = { log = {}, objs = {} }
+  local be = {}
   function be.new()
-    local obj = { id = #be.objs + 1 }
-    be.objs[#be.objs + 1] = obj
-    be.log[#be.log + 1] = "new"
+    local obj = { id = #rec.objs + 1 }
+    rec.objs[#rec.objs + 1] = obj
+    rec.log[#rec.log + 1] = "new"
     return obj
   end
   function be.wait(obj, secs)
-    be.log[#be.log + 1] = { "wait", obj, secs }
+    rec.log[#rec.log + 1] = { "wait", obj, secs }
     coroutine.yield()
   end
   function be.wake(obj, n)
-    be.log[#be.log + 1] = { "wake", obj, n }
+    rec.log[#rec.log + 1] = { "wake", obj, n }
   end
   for k, v in pairs(extra or {}) do
     be[k] = v
   end
-  return be
+  return be, rec
 end
 
 local function entries(log, what)
@@ -204,7 +207,7 @@ describe("waiting", function()
 
   describe("with a custom backend table", function()
     it("uses new, wait and wake: one wait object per call, woken once for all", function()
-      local be = logging_backend()
+      local be, rec = logging_backend()
       local g = singleflight.new { backend = be }
       local s = helpers.scheduler()
       local _, gate = hold(s, g, "k", "v")
@@ -213,19 +216,19 @@ describe("waiting", function()
         dups[i] = s.go(function() return g:call("k", error) end)
       end
       s.round()
-      assert.equal(1, #be.objs)
-      local waits = entries(be.log, "wait")
+      assert.equal(1, #rec.objs)
+      local waits = entries(rec.log, "wait")
       assert.equal(3, #waits)
       for _, w in ipairs(waits) do
-        assert.equal(be.objs[1], w[2])
+        assert.equal(rec.objs[1], w[2])
         assert.is_nil(w[3]) -- no timeout: no limit
       end
-      assert.equal(0, #entries(be.log, "wake"))
+      assert.equal(0, #entries(rec.log, "wake"))
       gate.open()
       s.run()
-      local wakes = entries(be.log, "wake")
+      local wakes = entries(rec.log, "wake")
       assert.equal(1, #wakes)
-      assert.equal(be.objs[1], wakes[1][2])
+      assert.equal(rec.objs[1], wakes[1][2])
       assert.equal(3, wakes[1][3])
       for i = 1, 3 do
         assert.same({ n = 3, "v", nil, true }, dups[i].res)
@@ -233,7 +236,7 @@ describe("waiting", function()
     end)
 
     it("gets a fresh wait object for the next call", function()
-      local be = logging_backend()
+      local be, rec = logging_backend()
       local g = singleflight.new { backend = be }
       for round = 1, 2 do
         local s = helpers.scheduler()
@@ -244,14 +247,14 @@ describe("waiting", function()
         s.run()
         assert.equal(round, dup.res[1])
       end
-      assert.equal(2, #be.objs)
-      local wakes = entries(be.log, "wake")
-      assert.equal(be.objs[1], wakes[1][2])
-      assert.equal(be.objs[2], wakes[2][2])
+      assert.equal(2, #rec.objs)
+      local wakes = entries(rec.log, "wake")
+      assert.equal(rec.objs[1], wakes[1][2])
+      assert.equal(rec.objs[2], wakes[2][2])
     end)
 
     it("works without new: the same wait object for wait and wake", function()
-      local be = logging_backend()
+      local be, rec = logging_backend()
       be.new = nil
       local g = singleflight.new { backend = be }
       local s = helpers.scheduler()
@@ -260,7 +263,7 @@ describe("waiting", function()
       s.round()
       gate.open()
       s.run()
-      local wait, wake = entries(be.log, "wait")[1], entries(be.log, "wake")[1]
+      local wait, wake = entries(rec.log, "wait")[1], entries(rec.log, "wake")[1]
       assert.is_not_nil(wait[2])
       assert.equal(wait[2], wake[2])
       assert.equal(1, wake[3])
@@ -291,7 +294,7 @@ describe("waiting", function()
     end)
 
     it("asks can_wait and raises with its reason", function()
-      local be = logging_backend {
+      local be, rec = logging_backend {
         can_wait = function() return false, "no event loop running" end,
       }
       local g = singleflight.new { backend = be }
@@ -300,7 +303,7 @@ describe("waiting", function()
       local dup = s.go(function() return g:call("k", error) end)
       s.round()
       assert.equal('singleflight: cannot wait for key "k": no event loop running', dup.err)
-      assert.equal(0, #entries(be.log, "wait"))
+      assert.equal(0, #entries(rec.log, "wait"))
       gate.open()
       s.run()
       assert.same({ n = 3, "v", nil, false }, leader.res)
@@ -375,7 +378,7 @@ describe("waiting", function()
     end)
 
     it("gives the backend's wait the seconds left", function()
-      local be = logging_backend()
+      local be, rec = logging_backend()
       local g = singleflight.new { backend = be, timeout = 30 }
       local s = helpers.scheduler()
       local _, gate = hold(s, g, "k", "v")
@@ -384,7 +387,7 @@ describe("waiting", function()
       s.round()
       gate.open()
       s.run()
-      local waits = entries(be.log, "wait")
+      local waits = entries(rec.log, "wait")
       assert.is_true(#waits >= 2)
       for _, w in ipairs(waits) do
         assert.equal("number", type(w[3]))
@@ -405,7 +408,7 @@ describe("waiting", function()
     end)
 
     it("with math.huge is no timeout", function()
-      local be = logging_backend()
+      local be, rec = logging_backend()
       local g = singleflight.new { backend = be, timeout = math.huge }
       local s = helpers.scheduler()
       local _, gate = hold(s, g, "k", "v")
@@ -413,7 +416,7 @@ describe("waiting", function()
       s.round()
       gate.open()
       s.run()
-      assert.is_nil(entries(be.log, "wait")[1][3])
+      assert.is_nil(entries(rec.log, "wait")[1][3])
       assert.equal("v", dup.res[1])
     end)
 

@@ -174,8 +174,12 @@ function M.copas_model()
   local ok, module = pcall(require, "singleflight.backend.copas")
   loaded.copas, loaded["singleflight.backend.copas"] = saved_copas, saved_backend
   assert(ok, module)
+  -- a second copy of the module is not singleflight's own backend, which
+  -- new takes as it is: it goes in as a backend table that inherits the
+  -- interface (its field `generation` is no backend field)
   local s = copas_common(model, {
-    name = "copas model", backend = module, module = module, errs = {},
+    name = "copas model", backend = setmetatable({}, { __index = module }), module = module,
+    errs = {},
     auto = false, model = model,
   })
   local step = s.step

@@ -14,10 +14,14 @@
 --                    blocking wait would freeze: a duplicate of a call led
 --                    in another Lua state then polls, sleeping with
 --   sleep(secs)      yield to the scheduler for secs
+--   name             a string, shown in messages (optional)
+-- A backend table given as the backend option has these fields and no
+-- others (M.FIELDS), checked at new.
 
 local runner = require "singleflight.runner"
 
-local pcall, rawget, require, type = pcall, rawget, require, type
+local pairs, pcall, rawget, require, tostring, type = pairs, pcall, rawget, require, tostring,
+                                                     type
 local co_running, co_yield = coroutine.running, coroutine.yield
 local co_isyieldable = coroutine.isyieldable
 local yieldable51 = runner.yieldable51
@@ -101,6 +105,11 @@ local lazy = { ngx = true, cqueues = true, copas = true }
 M.names = { auto = true, ngx = true, cqueues = true, copas = true,
             coroutine = true, none = true }
 
+--- The fields a backend table may have, and the type of each.
+M.FIELDS = { new = "function", wait = "function", wake = "function",
+             can_wait = "function", spawn = "function", sleep = "function",
+             never_fails = "boolean", loop = "boolean", name = "string" }
+
 local function get(name)
   local be = builtin[name]
   if be == nil and lazy[name] then
@@ -111,22 +120,50 @@ local function get(name)
   return be
 end
 
+-- An nginx worker's Lua (its event loop runs timers): not a Lua state of
+-- ngx.run_worker_thread, which has ngx.get_phase but neither timers nor
+-- sleep, and whose OS thread may block like any other.
 local function in_openresty()
   local ngx = rawget(_G, "ngx")
   return type(ngx) == "table" and type(ngx.get_phase) == "function"
+         and type(ngx.timer) == "table"
 end
 M.in_openresty = in_openresty
+
+--- Whether the table be is one of singleflight's own backends (a module
+-- singleflight.backend.*, which may hold fields of its own).
+function M.is_own(be)
+  local loaded = package.loaded
+  for name in pairs(lazy) do
+    if be == builtin[name] or be == loaded["singleflight.backend." .. name] then
+      return true
+    end
+  end
+  return be == builtin.coroutine or be == builtin.none
+end
+
+--- The backend name names, loaded if it lives in a file of its own; or
+-- nil and why it can't be had here (nothing is left loaded then).
+function M.load(name)
+  if name == "ngx" and not in_openresty() then
+    return nil, "\"ngx\" needs OpenResty (ngx_lua)"
+  end
+  local ok, be = pcall(get, name)
+  if not ok then
+    -- the first line of require's message, without where it was raised
+    local why = tostring(be):match("^[^\n]*"):gsub("^[^ ]-:%d+: ", "", 1):gsub(":$", "")
+    return nil, ("\"%s\" needs the %s library: %s"):format(
+      name, name == "ngx" and "ngx.semaphore" or name, why)
+  end
+  return be
+end
 
 -- "auto": the scheduler the caller is running under, if any.
 local function auto()
   if in_openresty() then
--- An nginx worker's Lua (its event loop runs timers): not a Lua state of
--- ngx.run_worker_thread, which has ngx.get_phase but neither timers nor
--- sleep, and whose OS thread may block like any other.
     return get("ngx")
   end
   local loaded = package.loaded
-         and type(ngx.timer) == "table"
   local cq = loaded.cqueues
   if type(cq) == "table" and type(cq.running) == "function" and cq.running() then
     return get("cqueues")

@@ -4,7 +4,7 @@
 
 local backends = require "singleflight.backends"
 
-local error, pairs, rawget, tostring, type = error, pairs, rawget, tostring, type
+local error, ipairs, pairs, rawget, tostring, type = error, ipairs, pairs, rawget, tostring, type
 local huge = math.huge
 local sfmt = string.format
 
@@ -27,19 +27,48 @@ local function describe(v)
   return type(v)
 end
 
+-- A backend table: the documented fields (backends.FIELDS) only, each of
+-- its type; wait and wake are required, and sleep with loop. One of
+-- singleflight's own backend modules is taken as it is.
 local function check_backend_table(fname, be)
-  if type(be.wait) ~= "function" or type(be.wake) ~= "function" then
-    option_error(fname, "backend", "a backend table needs functions 'wait' and 'wake'", 2)
+  if backends.is_own(be) then
+    return
   end
-  for _, f in pairs { "new", "can_wait", "spawn", "sleep" } do
-    if be[f] ~= nil and type(be[f]) ~= "function" then
-      option_error(fname, "backend", sfmt("backend field '%s' must be a function", f), 2)
+  local FIELDS = backends.FIELDS
+  for k in pairs(be) do
+    if not FIELDS[k] then
+      option_error(fname, "backend", "unknown field " .. describe(k), 2)
     end
   end
-  if be.loop and type(be.sleep) ~= "function" then
-    option_error(fname, "backend", "a backend with 'loop' set needs a function 'sleep'", 2)
+  for _, k in ipairs { "wait", "wake", "new", "can_wait", "spawn", "sleep", "never_fails",
+                       "loop", "name" } do
+    local v, want = be[k], FIELDS[k]
+    local needed = k == "wait" or k == "wake" or (k == "sleep" and be.loop)
+    if (v ~= nil or needed) and type(v) ~= want then
+      option_error(fname, "backend", sfmt("field '%s': %s expected, got %s%s", k, want,
+                                          type(v), k == "sleep" and " (needed with 'loop')"
+                                          or ""), 2)
+    end
   end
   backends.interpreted(be.wake)
+end
+
+-- A backend by name: one that lives in a file of its own is loaded now, so
+-- that a scheduler missing here is an error at new, not at the first wait.
+local function check_backend_name(fname, v)
+  if type(v) ~= "string" or not backends.names[v] then
+    option_error(fname, "backend",
+                 "one of \"auto\", \"ngx\", \"cqueues\", \"copas\", "
+                 .. "\"coroutine\", \"none\" or a table expected, got "
+                 .. describe(v), 2)
+  end
+  local be, why = true, nil
+  if v ~= "auto" then -- "auto" is the scheduler running at each wait
+    be, why = backends.load(v)
+  end
+  if not be then
+    option_error(fname, "backend", why, 2)
+  end
 end
 
 local function seconds(fname, name, v, positive)
@@ -63,6 +92,16 @@ local function check_shm(fname, v)
   local shared = rawget(_G, "ngx").shared
   if not (shared and shared[v]) then
     option_error(fname, "shm", sfmt("no lua_shared_dict named %q", v), 2)
+  end
+end
+
+-- Redis: a command may not take longer than the lease it renews. (The
+-- other settings are redis.check's.)
+local function check_redis_lease(fname, given, s)
+  if s.timeout > s.lease then
+    option_error(fname, "redis", sfmt("field 'timeout': at most the lease (%s s) expected, "
+                                      .. "got %s%s", tostring(s.lease), tostring(s.timeout),
+                                      given.timeout == nil and " (the default)" or ""), 2)
   end
 end
 
@@ -91,11 +130,8 @@ function M.check(fname, argn, opts)
     elseif k == "backend" then
       if type(v) == "table" then
         check_backend_table(fname, v)
-      elseif type(v) ~= "string" or not backends.names[v] then
-        option_error(fname, "backend",
-                     "one of \"auto\", \"ngx\", \"cqueues\", \"copas\", "
-                     .. "\"coroutine\", \"none\" or a table expected, got "
-                     .. describe(v))
+      else
+        check_backend_name(fname, v)
       end
       o.backend = v
     elseif k == "shm" then
@@ -106,9 +142,14 @@ function M.check(fname, argn, opts)
         option_error(fname, "redis", "needs OpenResty, and shm beside it")
       end
       o.redis = require("singleflight.redis").check(v, fname, 2)
+      check_redis_lease(fname, v, o.redis)
     else
       error(sfmt("bad option '%s' to '%s' (unknown option)", tostring(k), fname), 3)
     end
+  end
+  if opts.on_timeout ~= nil and opts.timeout == nil then
+    option_error(fname, "on_timeout", "needs the timeout option: without it a caller "
+                 .. "never times out")
   end
   if o.redis and not o.shm then
     option_error(fname, "redis", "needs shm beside it: a fleet is deduplicated "
