@@ -37,7 +37,7 @@ build = {
     ["singleflight.backend.copas"] = "lua/singleflight/backend/copas.lua",
     ["singleflight.core"] = {
       sources = { "csrc/sf_core.c", "csrc/lsf.c", "csrc/lsf_hold.c",
-                  "csrc/lsf_copy.c", "csrc/lsf_fast.c" },
+                  "csrc/lsf_copy.c" },
       incdirs = { "csrc" },
       libraries = { "pthread" },
     },

@@ -1,7 +1,12 @@
 -- rockspec-compare.lua SCM RELEASE: fails, naming each difference, when the
 -- two rockspecs' `build` tables differ, or when RELEASE's source.tag is not
--- "v" followed by its version. A rockspec is Lua: a run of assignments,
--- loaded here into a table of its own.
+-- "v" followed by its version.
+-- rockspec-compare.lua --tag-only RELEASE: the source.tag check alone.
+-- rockspec-compare.lua --covers SCM FILE...: fails, naming them, when a Lua
+-- file (lua/<name>.lua) or a C source (csrc/<name>.c) among FILEs is not in
+-- SCM's build table, or the table names a file not among them.
+-- A rockspec is Lua: a run of assignments, loaded here into a table of its
+-- own.
 
 local function load_rockspec(path)
   local env = {}
@@ -55,6 +60,68 @@ local function compare(a, b, path, names, out)
   end
 end
 
+-- --covers: the files of the tree against the build table's.
+if arg[1] == "--covers" then
+  local path = arg[2]
+  local ok, spec = pcall(load_rockspec, path or "")
+  if not ok then
+    io.stderr:write("rockspec-compare: ", tostring(spec), "\n")
+    os.exit(1)
+  end
+  local listed, problems = {}, {}
+  for name, m in pairs(spec.build and spec.build.modules or {}) do
+    if type(m) == "string" then
+      listed[m] = name
+    else
+      for _, src in ipairs(m.sources or {}) do listed[src] = name end
+    end
+  end
+  local present = {}
+  for i = 3, #arg do
+    local f = arg[i]:gsub("^%./", "")
+    present[f] = true
+    if (f:match("^lua/.*%.lua$") or f:match("^csrc/[^/]*%.c$")) and not listed[f] then
+      problems[#problems + 1] = f .. " is in the tree but not in the build table"
+    end
+  end
+  for f, name in pairs(listed) do
+    if not present[f] then
+      problems[#problems + 1] = string.format("%s (module %s) is not in the tree", f, name)
+    end
+  end
+  table.sort(problems)
+  if #problems > 0 then
+    io.stderr:write(string.format("rockspec-compare: %s does not build the tree:\n  %s\n",
+      path, table.concat(problems, "\n  ")))
+    os.exit(1)
+  end
+  print(string.format("rockspec: %s builds every Lua module and C source of the tree", path))
+  os.exit(0)
+end
+
+-- RELEASE's source.tag must be "v" followed by its version: the problem
+-- appended to `problems`, if any.
+local function check_tag(release, release_path, problems)
+  local base = tostring(release.version):match("^(.-)%-%d+$")
+  local tag = type(release.source) == "table" and release.source.tag
+  if not base or tag ~= "v" .. base then
+    problems[#problems + 1] = string.format("%s: source.tag is %s, version %s wants \"v%s\"",
+      release_path, value_text(tag), value_text(release.version), tostring(base))
+  end
+end
+
+if arg[1] == "--tag-only" then
+  local ok, release = pcall(load_rockspec, arg[2] or "")
+  local problems = {}
+  if ok then check_tag(release, arg[2], problems) end
+  if not ok or #problems > 0 then
+    io.stderr:write("rockspec-compare: ", ok and problems[1] or tostring(release), "\n")
+    os.exit(1)
+  end
+  print(string.format("rockspec: %s names its release tag %q", arg[2], release.source.tag))
+  os.exit(0)
+end
+
 local scm_path, release_path = arg[1], arg[2]
 if not scm_path or not release_path then
   io.stderr:write("usage: rockspec-compare.lua SCM-ROCKSPEC RELEASE-ROCKSPEC\n")
@@ -75,12 +142,7 @@ if #problems > 0 then
   table.insert(problems, 1, "the build tables differ (a module or source added to one"
     .. " rockspec belongs in both):")
 end
-local base = tostring(release.version):match("^(.-)%-%d+$")
-local tag = type(release.source) == "table" and release.source.tag
-if not base or tag ~= "v" .. base then
-  problems[#problems + 1] = string.format("%s: source.tag is %s, version %s wants \"v%s\"",
-    release_path, value_text(tag), value_text(release.version), tostring(base))
-end
+check_tag(release, release_path, problems)
 
 if #problems > 0 then
   io.stderr:write(string.format("rockspec-compare: %s and %s disagree:\n  %s\n",

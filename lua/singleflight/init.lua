@@ -6,7 +6,9 @@
 -- makes duplicates wait through a scheduler (singleflight.backends) and
 -- turns errors into panic errors (singleflight.panic).
 
-local VERSION = "0.2.0"
+-- "X.Y.Z" in a release, "X.Y.Z-dev" between releases (the next one's
+-- number); tools/bump-version.sh sets it here and in csrc/lsf.h.
+local VERSION = "0.3.0-dev"
 
 local core = require "singleflight.core"
 if core._VERSION ~= VERSION then
