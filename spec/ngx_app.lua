@@ -499,9 +499,12 @@ function handlers.worker_threads(args)
   out.leader = v .. "/" .. tostring(shared)
   for i = 1, n do
     local _, ok, dv, err, dshared = ngx.thread.wait(dups[i])
-    out["dup" .. i] = ok and (tostring(dv) .. "/" .. tostring(dshared)) or ("error: " .. tostring(dv))
-    if ok and dv == nil then
+    if not ok then
+      out["dup" .. i] = "error: " .. tostring(dv)
+    elseif dv == nil then
       out["dup" .. i] = "nil: " .. tostring(err)
+    else
+      out["dup" .. i] = tostring(dv) .. "/" .. tostring(dshared)
     end
   end
   reply(out)
