@@ -53,6 +53,13 @@ local groups = {
   gone = singleflight.new(),
   -- the nginx edges: ssl phases, g:start in every phase
   edge = singleflight.new(),
+  -- fn that raises, in callers that catch the panic and callers that don't
+  -- (and raise_shm, over the lua_shared_dict "raise_sf", made at first use)
+  raise = singleflight.new(),
+  raise_stampede = singleflight.new(),
+  raise_outer = singleflight.new(),
+  raise_inner = singleflight.new(),
+  raise_unshared = singleflight.new { timeout = 0.05, on_timeout = "run" },
 }
 
 local function reply(t)
@@ -513,6 +520,77 @@ end
 --- How many collections the library asked for.
 function handlers.library_collections()
   reply({ n = library_collections })
+end
+
+-- What users' fn do: a query that fails deep down.
+local function query_db(msg)
+  error(msg)
+end
+
+--- fn raises, the panic is not caught: ngx_lua ends the request (500).
+function handlers.raise_unhandled(args)
+  groups.raise:call(args.key, function()
+    query_db(args.msg)
+  end)
+end
+
+--- fn raises, the panic is caught: its fields, as the application sees them.
+function handlers.raise_caught(args)
+  local ok, e = pcall(groups.raise.call, groups.raise, args.key, function()
+    query_db(args.msg)
+  end)
+  local p = type(e) == "table" and e or {}
+  reply {
+    ok = ok, is_panic = singleflight.is_panic(e), value = p.value, key = p.key,
+    traceback_has_query = type(p.traceback) == "string"
+                          and p.traceback:find("query_db", 1, true) ~= nil,
+    text = tostring(e),
+  }
+end
+
+--- n requests on one key, none catching: fn raises once the other n-1
+-- joined it.
+function handlers.raise_stampede(args)
+  local g, n = groups.raise_stampede, tonumber(args.n)
+  local base = g:stats().shared
+  g:call(args.key, function()
+    sleep_until(function() return g:stats().shared >= base + n - 1 end, 10)
+    query_db(args.msg)
+  end)
+end
+
+--- fn calls another group's call ("<key>-inner"), whose fn raises: the
+-- outer call's panic is the inner one's, raised again through the outer fn.
+function handlers.raise_nested(args)
+  groups.raise_outer:call(args.key, function()
+    return groups.raise_inner:call(args.key .. "-inner", function()
+      query_db(args.msg)
+    end)
+  end)
+end
+
+--- fn raises in a group over a lua_shared_dict.
+function handlers.raise_shm(args)
+  groups.raise_shm = groups.raise_shm or singleflight.new { shm = "raise_sf" }
+  groups.raise_shm:call(args.key, function()
+    query_db(args.msg)
+  end)
+end
+
+--- A leader of raise_unshared that takes its time, and succeeds.
+function handlers.raise_slow(args)
+  reply { value = groups.raise_unshared:call(args.key, function()
+    ngx.sleep(1)
+    return "slow"
+  end) }
+end
+
+--- A duplicate of raise_unshared that gives up waiting and runs its own
+-- fn, which raises.
+function handlers.raise_unshared(args)
+  groups.raise_unshared:call(args.key, function()
+    query_db(args.msg)
+  end)
 end
 
 function handlers.stats(args)

@@ -1,10 +1,19 @@
 --- singleflight.panic: the error every caller gets when the leader's fn
 -- raised. It carries the raised value unchanged (`value`), the leader's
 -- traceback where it raised (`traceback`) and the call's key (`key`).
+--
+-- In OpenResty the leader also reports fn's error to nginx's error log,
+-- once per execution (report): ngx_lua logs an error that ends a request,
+-- a light thread or a timer only if it is a string or a number (its
+-- lua_isstring and lua_tostring, no __tostring), so an unhandled panic
+-- would show as "runtime error: unknown reason".
+
+local core = require "singleflight.core"
 
 local getmetatable, pcall, rawget, setmetatable, tostring, type =
       getmetatable, pcall, rawget, setmetatable, tostring, type
 local traceback = debug.traceback
+local quote = core.quote
 
 local Panic = { __name = "singleflight.Panic" }
 
@@ -37,6 +46,15 @@ local function new(value, tb, key)
   return setmetatable({ value = value, traceback = tb or "", key = key }, Panic)
 end
 
+-- OpenResty's log, where reports go (none elsewhere).
+local ngx = rawget(_G, "ngx")
+local ngx_log = type(ngx) == "table" and type(ngx.log) == "function" and ngx.log
+local ERR = ngx_log and ngx.ERR
+
+-- In OpenResty, the panics the message handler made of an fn's own error
+-- (not of a panic raised again through fn) that nobody reported yet.
+local unreported = setmetatable({}, { __mode = "k" })
+
 -- The message handler of the leader's protected call: keeps the value
 -- untouched and notes where it was raised.
 local function handler(e)
@@ -44,12 +62,45 @@ local function handler(e)
   if type(tb) == "string" and tb:sub(1, 1) == "\n" then
     tb = tb:sub(2)
   end
-  return new(e, tb)
+  local p = new(e, tb)
+  if ngx_log and not is_panic(e) then
+    unreported[p] = true
+  end
+  return p
 end
 
--- What the leader's protected call gave on failure, as the panic of `key`:
--- the handler's panic, or a bare value when the handler itself failed.
+local function log_panic(p, key)
+  ngx_log(ERR, "singleflight: fn raised for key ",
+          type(key) == "string" and quote(key) or safe_tostring(key), ": ",
+          safe_tostring(rawget(p, "value")), "\n", rawget(p, "traceback"))
+end
+
+-- The leader of `key` saw its protected fn fail with e (the handler's
+-- panic, or a bare value when the handler itself failed). In OpenResty,
+-- reports fn's own error, once, at the error level, with the traceback
+-- where it was raised. A panic raised again through fn is reported if
+-- nobody did yet (the shm tier's leader runs the user's fn inside the
+-- fn of this worker's call), else not (a nested call's, reported when
+-- that call finished); one that came from another worker or instance,
+-- made by new, never is. Never raises: the leader has a call to finish.
+local function report(e, key)
+  if not ngx_log or not is_panic(e) then
+    return
+  end
+  local inner = rawget(e, "value")
+  if is_panic(inner) then -- raised again through fn: the panic it came from
+    e = inner
+  end
+  if unreported[e] then
+    unreported[e] = nil
+    pcall(log_panic, e, key)
+  end
+end
+
+-- What the leader's protected call gave on failure, as the panic of `key`
+-- (reported as report says).
 local function of(e, key)
+  report(e, key)
   if not is_panic(e) then
     e = new(e)
   end
@@ -63,5 +114,6 @@ return {
   new = new,
   of = of,
   handler = handler,
+  report = report,
   safe_tostring = safe_tostring,
 }

@@ -51,6 +51,7 @@ local function settled(c, key, ok, v, err)
     end
     return DONE, v, err, shared
   end
+  panic.report(v, key) -- OpenResty: fn's error, once, to nginx's error log
   local value, tb = v, ""
   if is_panic(v) then -- the handler's; a bare value if it failed itself
     value, tb = v.value, v.traceback
