@@ -10,6 +10,10 @@
 --   never_fails      true when wait cannot raise once can_wait said yes
 --   can_wait()       -> true, or false and why (optional)
 --   spawn(fn, ...)   run fn(...) in a new light thread (optional; start)
+--   spawn_detached(fn, ...)
+--                    the same, where the thread does not hold the caller's
+--                    request (optional; start_detached, which uses spawn
+--                    without it)
 --   loop             true when the OS thread runs an event loop that a
 --                    blocking wait would freeze: a duplicate of a call led
 --                    in another Lua state then polls, sleeping with
@@ -107,7 +111,8 @@ M.names = { auto = true, ngx = true, cqueues = true, copas = true,
 
 --- The fields a backend table may have, and the type of each.
 M.FIELDS = { new = "function", wait = "function", wake = "function",
-             can_wait = "function", spawn = "function", sleep = "function",
+             can_wait = "function", spawn = "function", spawn_detached = "function",
+             sleep = "function",
              never_fails = "boolean", loop = "boolean", name = "string" }
 
 local function get(name)

@@ -171,22 +171,34 @@ end
 
 local M = {}
 
---- g:start(key, fn, ...) -> a future.
-function M.start(self, key, fn, ...)
-  local st0, _, _, skey = acquire(self, key, fn, "start", core.CHECK)
+--- The light-thread spawner of backend be for a start (detached: one
+-- that does not hold the caller's request), or nil.
+local function spawner(be, detached)
+  return detached and be.spawn_detached or be.spawn
+end
+M.spawner = spawner
+
+--[[
+g:start(key, fn, ...) and g:start_detached(key, fn, ...) -> a future;
+fname is the method's name, for messages. Entered in tail position from
+the methods, so that error levels count from the caller.
+]]
+local function start(self, detached, fname, key, fn, ...)
+  local st0, _, _, skey = acquire(self, key, fn, fname, core.CHECK)
   if st0 == TIERED then -- a group over nginx workers: its tier starts it
-    return M.tiered_start(self, key, fn, ...)
+    return M.tiered_start(self, detached, key, fn, ...)
   end
   local be = resolve((opts_of[self] or {}).backend or "auto")
-  if not be.spawn then
+  local spawn = spawner(be, detached)
+  if not spawn then
     error(sfmt("singleflight: start needs a backend that can spawn light threads "
                .. "(backend %q has no spawn)", tostring(be.name or "table")), 2)
   end
   local st, c, ref
-  st, c, ref, skey = acquire(self, skey, fn, "start", core.COUNT + core.DETACHED)
+  st, c, ref, skey = acquire(self, skey, fn, fname, core.COUNT + core.DETACHED)
   if st == RECURSIVE then -- raises, unless the lead was stale (abandoned now)
     flow.check_recursion(c, ref, skey)
-    st, c, ref, skey = acquire(self, skey, fn, "start", core.DETACHED)
+    st, c, ref, skey = acquire(self, skey, fn, fname, core.DETACHED)
   end
   local lead_ref
   if st == LEADER then
@@ -201,7 +213,7 @@ function M.start(self, key, fn, ...)
     f.fl = fl
   end
   if st == LEADER then
-    local ok, e = runner.protect(be.spawn, body, f, lead_ref)
+    local ok, e = runner.protect(spawn, body, f, lead_ref)
     if not ok then
       local fl = f.fl
       release(lead_ref) -- abandons the call: a waiter already here takes over
@@ -212,6 +224,17 @@ function M.start(self, key, fn, ...)
     end
   end
   return f
+end
+
+--- g:start(key, fn, ...) -> a future.
+function M.start(self, key, fn, ...)
+  return start(self, false, "start", key, fn, ...)
+end
+
+--- g:start_detached(key, fn, ...) -> a future, whose leader runs where it
+-- does not hold the caller's request (OpenResty: a timer).
+function M.start_detached(self, key, fn, ...)
+  return start(self, true, "start_detached", key, fn, ...)
 end
 
 --- start on a tiered group (set by singleflight.shm).

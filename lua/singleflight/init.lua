@@ -41,6 +41,7 @@ local methods = core.methods
 methods.call = flow.call
 methods["do"] = flow.call
 methods.start = future.start
+methods.start_detached = future.start_detached
 
 -- With the shm option, g's calls go through the nginx workers' tier
 -- (singleflight.shm, loaded on first use).

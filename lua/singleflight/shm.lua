@@ -978,17 +978,18 @@ function Future:__tostring()
               self.done and "ready" or "pending")
 end
 
-local function start(self, key, fn, ...)
+local function start(self, detached, key, fn, ...)
   local skey = normal_key(self, key, fn)
   local be = resolve((opts_of[self] or {}).backend or "auto")
-  if not be.spawn then
+  local spawn = future.spawner(be, detached)
+  if not spawn then
     error(sfmt("singleflight: start needs a backend that can spawn light threads "
                .. "(backend %q has no spawn)", tostring(be.name or "table")), 2)
   end
   local f = setmetatable({ group = self, key = skey, fn = fn, be = be,
                            obj = be.new and be.new() or true, waiting = 0,
                            done = false, n = select("#", ...), args = { ... } }, Future)
-  local ok, e = protect(be.spawn, run_future, f)
+  local ok, e = protect(spawn, run_future, f)
   if not ok then
     error(sfmt("singleflight: start cannot spawn a light thread here: %s",
                tostring(is_panic(e) and e.value or e)), 2)

@@ -101,23 +101,8 @@ function backend.can_wait()
   return true
 end
 
---- Runs fn(...) in a light thread of the current request or timer, or in
--- a timer of its own where light threads are not allowed. Raises a plain
--- message (the caller says what could not be done) where neither works.
-function backend.spawn(fn, ...)
-  local phase = get_phase()
-  if NO_SPAWN[phase] then
-    error("nginx runs neither light threads nor timers in the '" .. phase
-          .. "' phase", 0)
-  end
-  if YIELDABLE[phase] then
-    local ok, co, err = pcall(ngx.thread.spawn, fn, ...)
-    if not ok or not co then
-      error("ngx.thread.spawn failed in the '" .. phase .. "' phase: "
-            .. tostring(ok and err or co), 0)
-    end
-    return
-  end
+-- Runs fn(...) in a zero-delay timer of its own.
+local function in_timer(phase, fn, ...)
   local n, args = select("#", ...), { ... }
   -- a timer that fires early because the worker is exiting still runs
   -- fn, so that whoever waits for it gets an answer
@@ -128,6 +113,38 @@ function backend.spawn(fn, ...)
     error("nginx refused a timer in the '" .. tostring(phase) .. "' phase: "
           .. tostring(ok and err or started), 0)
   end
+end
+
+local function spawnable(phase)
+  if NO_SPAWN[phase] then
+    error("nginx runs neither light threads nor timers in the '" .. phase
+          .. "' phase", 0)
+  end
+end
+
+--- Runs fn(...) in a light thread of the current request or timer, or in
+-- a timer of its own where light threads are not allowed. Raises a plain
+-- message (the caller says what could not be done) where neither works.
+function backend.spawn(fn, ...)
+  local phase = get_phase()
+  spawnable(phase)
+  if YIELDABLE[phase] then
+    local ok, co, err = pcall(ngx.thread.spawn, fn, ...)
+    if not ok or not co then
+      error("ngx.thread.spawn failed in the '" .. phase .. "' phase: "
+            .. tostring(ok and err or co), 0)
+    end
+    return
+  end
+  in_timer(phase, fn, ...)
+end
+
+--- Runs fn(...) in a timer of its own, whatever the phase: the request
+-- that asked is not held until fn ends (g:start_detached).
+function backend.spawn_detached(fn, ...)
+  local phase = get_phase()
+  spawnable(phase)
+  in_timer(phase, fn, ...)
 end
 
 return backend
