@@ -64,22 +64,11 @@ describe("Redis fleet faults", function()
   end
 
   setup(function()
-    redis = assert(rs.redis { unixsocket = true })
-    local ok, f = pcall(rs.fleet, 3)
-    if not ok then
-      redis.close()
-      error(f, 0)
-    end
-    fleet = f
+    redis, fleet = rs.both(3, { unixsocket = true })
   end)
 
   teardown(function()
-    if fleet then
-      fleet.stop()
-    end
-    if redis then
-      redis.close()
-    end
+    rs.stop_both(redis, fleet)
   end)
 
   it("Redis down when the fleet starts: every request answers, run where it is", function()
@@ -132,9 +121,9 @@ describe("Redis fleet faults", function()
       rpath = redis.path, db = 3, key = "db3", sleep = 0.3, prefix = "d:",
     })
     eventually(function()
-      return redis.command_in(3, "EXISTS", "{d:db3}:lock") == 1
+      return redis.command_in(3, "EXISTS", rs.tag("d:", "db3") .. ":lock") == 1
     end, "the lock in db 3")
-    assert.equal(0, redis.command("EXISTS", "{d:db3}:lock"))
+    assert.equal(0, redis.command("EXISTS", rs.tag("d:", "db3") .. ":lock"))
     local answers = ns.collect(conns, GUARD)
     assert.same({ led = 1, waited = 5 }, tally(answers, "how"))
     assert.equal(1, (fleet.executions("db3")))
@@ -146,7 +135,8 @@ describe("Redis fleet faults", function()
     local leader = ns.open(i1.port, query(q))
     eventually(function() return fleet.executions("outage") == 1 end, "the leader")
     local waiters = open_all({ fleet.instances[2], fleet.instances[3] }, 2, q)
-    eventually(function() return subscribers("{o:outage}:done:0") == 4 end, "4 waiters")
+    local channel = rs.tag("o:", "outage") .. ":done:0"
+    eventually(function() return subscribers(channel) == 4 end, "4 waiters")
     redis.stop()
     local answers = ns.collect({ leader, waiters[1], waiters[2], waiters[3], waiters[4] }, GUARD)
     assert.equal("led", answers[1].fields.how)
@@ -194,9 +184,11 @@ describe("Redis fleet faults", function()
       logged = logged + count(inst.log(), FAILED .. " %([^)]*timeout%)") - before[i]
     end
     assert.is_true(logged >= 1, "no timeout logged")
-    -- thawed, it ran those scripts: a lock of a call that fell back
-    eventually(function() return redis.command("EXISTS", "{z:frozen}:lock") == 1 end,
-               "the stale lock")
+    -- thawed, it runs the scripts it held (one takes the lock for a call
+    -- that fell back), and the abandons sent after them: no lock is left
+    eventually(function()
+      return redis.command("EXISTS", rs.tag("z:", "frozen") .. ":lock") == 0
+    end, "the stale lock given up")
     -- a failure pauses a worker's use of Redis for a second
     socket.sleep(1.2)
     local runs = fleet.executions("frozen")
@@ -214,7 +206,8 @@ describe("Redis fleet faults", function()
     eventually(function() return fleet.executions("killed") == 1 end, "the leader")
     q.sleep = 0.1
     local waiters = open_all({ i2, i3 }, 3, q)
-    eventually(function() return subscribers("{x:killed}:done:0") == 6 end, "6 waiters")
+    local channel = rs.tag("x:", "killed") .. ":done:0"
+    eventually(function() return subscribers(channel) == 6 end, "6 waiters")
     local t0 = socket.gettime()
     i1.kill()
     local answers = ns.collect(waiters, GUARD)

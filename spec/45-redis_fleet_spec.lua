@@ -77,13 +77,7 @@ describe("Redis fleet", function()
   end
 
   setup(function()
-    redis = assert(rs.redis())
-    local ok, f = pcall(rs.fleet, 3)
-    if not ok then
-      redis.close()
-      error(f, 0)
-    end
-    fleet = f
+    redis, fleet = rs.both(3)
   end)
 
   teardown(function()
@@ -94,11 +88,8 @@ describe("Redis fleet", function()
           print("\nnginx " .. inst.name .. " error log:\n" .. log)
         end
       end
-      fleet.stop()
     end
-    if redis then
-      redis.close()
-    end
+    rs.stop_both(redis, fleet)
   end)
 
   it("a stampede over three instances makes one execution, its outcome everywhere", function()
@@ -127,9 +118,10 @@ describe("Redis fleet", function()
     assert.equal(0, st.fallbacks)
     assert.equal(0, st.takeovers)
     -- nothing is left in Redis but the outcome, which expires
-    local keys = redis.command("KEYS", "{s:stampede}*")
+    local tag = rs.tag("s:", "stampede")
+    local keys = redis.command("KEYS", tag .. "*")
     assert.equal(1, #keys)
-    assert.matches("^{s:stampede}:result:", keys[1])
+    assert.equal(tag .. ":result:", keys[1]:sub(1, #tag + 8))
     local ttl = redis.command("PTTL", keys[1])
     assert.is_true(ttl > 0 and ttl <= 5000, "result ttl " .. tostring(ttl))
   end)
@@ -212,7 +204,7 @@ describe("Redis fleet", function()
     eventually(function() return fleet.executions("forget") == 1 end, "the first leader")
     local waiter = ns.open(i2.port, path { key = "forget", value = "none", prefix = "f:" })
     eventually(function()
-      local n = redis.command("PUBSUB", "NUMSUB", "{f:forget}:done:0")
+      local n = redis.command("PUBSUB", "NUMSUB", rs.tag("f:", "forget") .. ":done:0")
       return n[2] == 1
     end, "the waiter's subscription")
     local a = ns.get(i3.port, "/forget?rport=" .. redis.port .. "&prefix=f:&key=forget", GUARD)

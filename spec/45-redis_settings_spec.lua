@@ -30,6 +30,8 @@ describe("redis settings", function()
     { "lease NaN", { lease = 0 / 0 }, "field 'lease': positive number of seconds" },
     { "timeout negative", { timeout = -0.5 }, "field 'timeout': positive number of seconds" },
     { "pool_size zero", { pool_size = 0 }, "field 'pool_size': positive integer expected, got 0" },
+    { "secret not a string", { secret = 42 }, "field 'secret': string expected, got 42" },
+    { "secret empty", { secret = "" }, "field 'secret': non-empty string expected, got \"\"" },
   }
   for _, row in ipairs(bad) do
     local what, settings, msg = row[1], row[2], row[3]
@@ -45,15 +47,15 @@ describe("redis settings", function()
     end)
   end
 
-  it("blames the caller of new, or the caller `level` levels up", function()
+  it("blames the caller of new, or (check) the caller `level` levels up", function()
     local ok, err = pcall(function()
       redis_tier.new({ lease = "x" }) -- this line
     end)
     assert.is_false(ok)
     assert.truthy(err:find("45%-redis_settings_spec%.lua:%d+: "), err)
     local function group_new(s)
-      local fleet = redis_tier.new(s, "group", 2)
-      return fleet
+      local checked = redis_tier.check(s, "group", 2)
+      return checked
     end
     local line
     ok, err = pcall(function()
@@ -69,16 +71,16 @@ describe("redis settings", function()
     assert.same({ host = "127.0.0.1", port = 6379, db = 0, prefix = "singleflight:",
                   lease = 5, timeout = 0.5 }, redis_tier.check({}))
     assert.same({ path = "/run/redis.sock", db = 2, prefix = "app:", lease = 1, timeout = 0.1,
-                  password = "pw", pool_size = 8 },
+                  password = "pw", pool_size = 8, secret = "s" },
                 redis_tier.check({ path = "/run/redis.sock", db = 2, prefix = "app:", lease = 1,
-                                   timeout = 0.1, password = "pw", pool_size = 8 }))
+                                   timeout = 0.1, password = "pw", pool_size = 8, secret = "s" }))
   end)
 
   it("good settings outside OpenResty: an error that says what it needs", function()
     if rawget(_G, "ngx") then
       return
     end
-    local ok, err = pcall(redis_tier.new, { port = 6379 })
+    local ok, err = pcall(redis_tier.new, { port = 6379 }, { shm = "singleflight" })
     assert.is_false(ok)
     assert.truthy(err:find("needs OpenResty", 1, true), err)
   end)

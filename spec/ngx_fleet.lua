@@ -1,6 +1,7 @@
 -- The application of the Redis specs' nginx instances (redis_server.lua
--- starts them; the 45-redis specs drive them over HTTP). It calls the Redis
--- tier directly: /run?key=&rport=... is one fleet:outcome(key, produce)
+-- starts them; the 45-redis and 47-redis specs drive them over HTTP). /run
+-- calls the Redis tier directly: /run?key=&rport=... is one
+-- fleet:outcome(key, produce)
 -- whose produce appends "key instance pid" to a file shared by the whole
 -- fleet (the count of executions), sleeps ?sleep= seconds and returns an
 -- outcome encoded by singleflight.core. Each handler answers with lines of
@@ -42,19 +43,22 @@ local function precise_now()
 end
 
 -- One fleet handle per worker and settings (?rport or ?rpath, ?prefix,
--- ?lease, ?password, ?timeout, ?db).
+-- ?lease, ?password, ?timeout, ?db, ?secret), for the group ?group (a
+-- named group's name; none: the groups of singleflight.new) over this
+-- instance's lua_shared_dict fleet_spec.
 local fleets = {}
 
 local function fleet_of(args)
   local id = concat({ args.rport or "", args.rpath or "", args.prefix or "", args.lease or "",
-                      args.password or "", args.timeout or "", args.db or "" }, "|")
+                      args.password or "", args.timeout or "", args.db or "", args.secret or "",
+                      args.group or "" }, "|")
   local f = fleets[id]
   if not f then
-    f = redis_tier.new {
+    f = redis_tier.new({
       port = tonumber(args.rport), path = args.rpath, prefix = args.prefix,
       lease = tonumber(args.lease), password = args.password, timeout = tonumber(args.timeout),
-      db = tonumber(args.db),
-    }
+      db = tonumber(args.db), secret = args.secret,
+    }, { shm = "fleet_spec", group = args.group })
     fleets[id] = f
   end
   return f, args.prefix or "singleflight:"
@@ -86,13 +90,13 @@ function handlers.run(args)
     }, "second"))
   end
   local t0 = now()
-  local bytes, how, n = f:outcome(key, produce)
+  local bytes, how, shared = f:outcome(key, produce)
   local t1, t1p = now(), precise_now()
   publish_stats(f, prefix)
   local ok, a, b = core.decode(bytes)
   local out = {
     how = how, ok = ok, instance = name, pid = ngx.worker.pid(), took_ms = (t1 - t0) * 1000,
-    published = n,
+    shared = shared,
   }
   if ok then
     out.value, out.by, out.err = a.value, a.by, b
@@ -104,23 +108,40 @@ function handlers.run(args)
   reply(out)
 end
 
--- /group?key=&rport=...: a g:call of singleflight.new { shm, redis }, the
--- whole stack (callers wait in their worker, one per worker on the shm
--- tier, one per instance on Redis); fn appends to the count file as /run's
--- produce does.
+-- /group?key=&rport=...: a g:call of a group with shm and redis, the whole
+-- stack (callers wait in their worker, one per worker on the shm tier, one
+-- per instance on Redis); fn appends to the count file as /run's produce
+-- does and returns ?value. The group: singleflight.group(?group, o) if
+-- ?group is given, else singleflight.new(o), with ?wait as its timeout,
+-- ?on_timeout, and the Redis settings ?rport, ?prefix, ?lease (default 1),
+-- ?secret.
 local singleflight = require "singleflight"
 local groups = {}
 
-function handlers.group(args)
-  local id = (args.rport or "") .. "|" .. (args.prefix or "")
+local function group_of(args)
+  local id = concat({ args.rport or "", args.prefix or "", args.group or "", args.wait or "",
+                      args.on_timeout or "", args.lease or "", args.secret or "" }, "|")
   local g = groups[id]
   if not g then
-    g = singleflight.new { shm = "fleet_group", redis = {
-      port = tonumber(args.rport), prefix = args.prefix, lease = 1,
-    } }
+    local o = {
+      shm = "fleet_group", timeout = tonumber(args.wait), on_timeout = args.on_timeout,
+      redis = { port = tonumber(args.rport), prefix = args.prefix,
+                lease = tonumber(args.lease) or 1, secret = args.secret },
+    }
+    if args.group then
+      g = singleflight.group(args.group, o)
+    else
+      g = singleflight.new(o)
+    end
     groups[id] = g
   end
+  return g
+end
+
+function handlers.group(args)
+  local g = group_of(args)
   local key, pause = args.key, tonumber(args.sleep) or 0.2
+  local t0 = now()
   local ok, v, err, shared = pcall(g.call, g, key, function()
     local cf = assert(io.open(count_file, "a"))
     cf:write(key, " ", name, " ", ngx.worker.pid(), "\n")
@@ -129,12 +150,15 @@ function handlers.group(args)
     if args.mode == "panic" then
       error({ code = 42, by = name })
     end
-    return { value = "v", by = name, list = { 1, 2, { 3 } } }, "second"
+    return { value = args.value or "v", by = name, list = { 1, 2, { 3 } } }, "second"
   end)
   local st = g:stats()
   local out = { instance = name, ok = ok, fleet_leads = st.fleet_leads,
-                fleet_waits = st.fleet_waits }
-  if ok then
+                fleet_waits = st.fleet_waits, timeouts = st.timeouts,
+                took_ms = (now() - t0) * 1000 }
+  if ok and v == nil then
+    out.err, out.shared = err, shared
+  elseif ok then
     out.value, out.by, out.err, out.shared = v.value, v.by, err, shared
     out.list = v.list[1] .. "," .. v.list[2] .. "," .. v.list[3][1]
   else
@@ -143,6 +167,11 @@ function handlers.group(args)
                        and v.value.by
   end
   reply(out)
+end
+
+-- /gforget?key=&...: g:forget(key) on /group's group of the same query.
+function handlers.gforget(args)
+  reply { forgot = group_of(args):forget(args.key) }
 end
 
 function handlers.forget(args)

@@ -3,7 +3,8 @@
 --
 -- redis(opts) runs Debian's redis-server on 127.0.0.1 and a free port, no
 -- persistence, from a directory of its own; opts.password sets requirepass,
--- opts.unixsocket adds a unix socket (server.path).
+-- opts.unixsocket adds a unix socket (server.path), opts.config is a list of
+-- more settings ({ "maxmemory 64mb", ... }).
 -- It returns { port, command(...), command_in(db, ...), stop([how]), start(),
 -- freeze([false]), close() }: command sends one command over a plain socket and returns the
 -- reply (errors as { err = msg }); stop ends the server (SHUTDOWN NOSAVE, or
@@ -18,7 +19,9 @@
 -- kill(), pids()}, ... }, executions(key), stop() }. Every produce() of every
 -- instance appends a line to one file: executions(key) counts the lines of
 -- key. The workers also exit by themselves after a while, in case the spec
--- run dies first.
+-- run dies first. both(n, redis_opts) starts a server and n instances,
+-- stop_both(redis, fleet) stops them; tag(prefix, key, group, dict) is the
+-- start of a key's Redis names, path(endpoint, q) a request's path.
 local socket = require "socket"
 local ns = require "nginx_server"
 
@@ -162,6 +165,32 @@ local function command(port, password, db, ...)
   return res, err
 end
 
+--- The start of the Redis names of `key` in the fleet's group (README,
+-- "What Redis sees"): prefix, then in braces the dict's name, "=" and the
+-- group's name (or "-" for singleflight.new) and the key, each with "%",
+-- "{", "}" and "|" written %25, %7B, %7D and %7C. `dict` defaults to the
+-- one of ngx_fleet's /run ("fleet_spec").
+function M.tag(prefix, key, group, dict)
+  local function esc(s)
+    return (s:gsub("[%%{}|]", function(c) return string.format("%%%02X", c:byte()) end))
+  end
+  return esc(prefix) .. "{" .. esc(dict or "fleet_spec") .. "|"
+         .. (group and "=" .. esc(group) or "-") .. "|" .. esc(key) .. "}"
+end
+
+--- "/endpoint?k=v&..." for the query `q` (a table), escaped, in the order
+-- of the keys.
+function M.path(endpoint, q)
+  local parts = {}
+  for k, v in pairs(q) do
+    parts[#parts + 1] = k .. "=" .. tostring(v):gsub("[^%w%-_%.]", function(c)
+      return string.format("%%%02X", c:byte())
+    end)
+  end
+  table.sort(parts)
+  return "/" .. endpoint .. "?" .. table.concat(parts, "&")
+end
+
 ---------------------------------------------------------------------------
 -- redis-server
 
@@ -205,6 +234,9 @@ function M.redis(opts)
     }
     if opts.password then
       args[#args + 1] = "--requirepass " .. quote(opts.password)
+    end
+    for _, line in ipairs(opts.config or {}) do
+      args[#args + 1] = "--" .. line
     end
     if opts.unixsocket then
       -- the nginx workers may run as another user
@@ -458,6 +490,28 @@ function M.fleet(n, opts)
   end
 
   return fleet
+end
+
+--- A redis-server (rs.redis(redis_opts)) and n nginx instances (fleet(n)),
+-- or an error with nothing left running.
+function M.both(n, redis_opts)
+  local redis = assert(M.redis(redis_opts))
+  local ok, fleet = pcall(M.fleet, n)
+  if not ok then
+    redis.close()
+    error(fleet, 0)
+  end
+  return redis, fleet
+end
+
+--- Stops what both started (either may be nil).
+function M.stop_both(redis, fleet)
+  if fleet then
+    fleet.stop()
+  end
+  if redis then
+    redis.close()
+  end
 end
 
 return M

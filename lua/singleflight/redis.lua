@@ -3,25 +3,40 @@
 --
 -- The tier above (one caller per instance and key reaches it) calls
 --
---   local fleet = require("singleflight.redis").new(settings)
---   local bytes, how, n = fleet:outcome(key, produce)
+--   local fleet = require("singleflight.redis").new(settings, { shm = dict, group = name })
+--   local bytes, how, shared = fleet:outcome(key, produce, { wait = secs, forgotten = fn })
 --
+-- The second argument of new is the group's identity, the same on every
+-- instance that runs the same code: the lua_shared_dict's name and the
+-- name of a group made by singleflight.group (none for singleflight.new).
 -- produce() runs the call in this instance and returns its outcome encoded
 -- as a string; outcome returns the bytes of the one execution across the
--- fleet, produce()'s own or another instance's, and how it got them: "led"
--- (produce ran here; n: how many instances it was published to), "waited"
--- (another instance's) or "fallback" (Redis was unusable: produce ran here,
--- unshared). Nothing Redis does fails a call.
+-- fleet, produce()'s own or another instance's, how it got them, and
+-- whether they were handed across instances: "led" (produce ran here;
+-- shared if another instance joined), "waited" (another instance's;
+-- shared), "fallback" (Redis was unusable: produce ran here, unshared) or
+-- "timeout" (no bytes: `wait` seconds passed waiting on another instance).
+-- forgotten() is called (at most once) when the execution this call runs
+-- or waits on is forgotten by a forget anywhere in the fleet: the tier
+-- above lets its later callers start anew. Nothing Redis does fails a call.
 --
--- The protocol, per call of key k, with t = "{" .. prefix .. k .. "}" (a
--- hash tag: every key of one call lives in one slot of a Redis Cluster):
+-- The protocol, per call of key k, with t = P .. "{" .. D .. "|" .. G ..
+-- "|" .. K .. "}": P, D and K the prefix, the dict's name and the key, G
+-- "=" and the group's name or "-", each with "%", "{", "}" and "|" written
+-- %25, %7B, %7D and %7C; so no two (prefix, dict, group, key) make one
+-- name, and every key of one call has one hash tag (one Cluster slot):
 --
 --   t:lock            the token of the current execution, PX lease
 --   t:lease:<token>   that execution's lease, PX lease, renewed by its
 --                     leader every lease/3 while produce runs
+--   t:joined          the tokens of executions other instances wait on
 --   t:result:<token>  its outcome, for a few seconds after it ends
---   channel t:done:<db>   "r<token>\n<bytes>" when it ends, "h<token>\n"
---                     at each renewal, "a<token>\n" when produce raised
+--   channel t:done:<db>   "r<token>\n<outcome>" when it ends, "h<token>\n"
+--                     at each renewal, "a<token>\n" when produce raised,
+--                     "f<token>\n" when it is forgotten
+--
+-- With a secret the outcome is a MAC (HMAC-SHA1 of channel, token and
+-- bytes) and the bytes; an outcome whose MAC is wrong is refused.
 --
 -- A caller runs ACQUIRE: the lock is free, it leads; otherwise it
 -- subscribes to the channel, then runs STEP (the result, or how long the
@@ -31,13 +46,15 @@
 -- makes it STEP again (and take over if the lease has run out). The leader
 -- ends with RELEASE: the result stored, published, its lease and (if still
 -- current) the lock deleted, in one script, so a waiter's STEP never sees a
--- free lock before the result exists. forget deletes the lock only: the running execution
--- keeps its lease and still reaches its waiters, later callers start anew,
--- and its RELEASE leaves the lock of its successor alone.
+-- free lock before the result exists. FORGET deletes the lock and tells
+-- the channel: the running execution keeps its lease and still reaches its
+-- waiters, later callers start anew, and its RELEASE leaves the lock of its
+-- successor alone. A leader with a forgotten() to call listens on the
+-- channel too, between its renewals.
 
 local error, pairs, setmetatable, tostring, type = error, pairs, setmetatable, tostring, type
-local pcall, require, rawget = pcall, require, rawget
-local ceil, floor, huge = math.ceil, math.floor, math.huge
+local pcall, require, rawget, tonumber = pcall, require, rawget, tonumber
+local ceil, floor, huge, max, min = math.ceil, math.floor, math.huge, math.max, math.min
 local byte, find, format, gsub, ssub = string.byte, string.find, string.format, string.gsub,
                                        string.sub
 local open = io.open
@@ -53,6 +70,10 @@ M.LOG_EVERY = 60
 local MARGIN_MS = 10
 -- Messages of other executions a waiter reads before it checks anyway.
 local MAX_FOREIGN = 1000
+-- Bytes of a MAC (HMAC-SHA1).
+local MAC_LEN = 20
+-- The first bytes of the messages "r..." and "a...".
+local R, A = ("r"):byte(), ("a"):byte()
 
 local DEFAULTS = { prefix = "singleflight:", lease = 5, timeout = 0.5 }
 
@@ -60,7 +81,7 @@ local DEFAULTS = { prefix = "singleflight:", lease = 5, timeout = 0.5 }
 -- Settings
 
 local FIELDS = {
-  host = "string", path = "string", password = "string", prefix = "string",
+  host = "string", path = "string", password = "string", prefix = "string", secret = "string",
   port = "port", db = "index", pool_size = "count", lease = "seconds", timeout = "seconds",
 }
 
@@ -110,8 +131,10 @@ local function checked(settings, fname, level)
   if s.path and (s.host or s.port) then
     bad("field 'path' (a unix socket) goes without 'host' and 'port'")
   end
-  if s.path == "" or s.host == "" then
-    bad(format("field '%s': non-empty string expected, got \"\"", s.path and "path" or "host"))
+  for _, k in pairs { "path", "host", "secret" } do
+    if s[k] == "" then
+      bad(format("field '%s': non-empty string expected, got \"\"", k))
+    end
   end
   for k, v in pairs(DEFAULTS) do
     if s[k] == nil then
@@ -129,61 +152,81 @@ end
 -- 'redis' to '<fname>' (...)" naming the field, blaming the caller `level`
 -- levels up from the caller of check (default 1: check's caller).
 function M.check(settings, fname, level)
-  return checked(settings, fname or "new", level or 1)
+  local s = checked(settings, fname or "new", level or 1)
+  return s -- not a tail call: the levels count this frame
 end
 
 ---------------------------------------------------------------------------
--- Scripts (each touches the keys of one call, all given in KEYS)
+-- Scripts (each touches the keys of one call only, all given in KEYS)
 
 local SCRIPTS = {
-  -- KEYS lock, lease(me); ARGV me, lease_ms
+  -- KEYS lock, lease(me), joined; ARGV me, lease_ms
   -- -> {1}: lead | {0, token, ttl_ms}: wait on token
   -- (run twice, it answers the same: a retry is harmless)
   acquire = [[
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then return {1} end
-if cur then return {0, cur, redis.call('PTTL', KEYS[1])} end
+if cur then
+  redis.call('SADD', KEYS[3], cur)
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+  return {0, cur, redis.call('PTTL', KEYS[1])}
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return {1}
 ]],
-  -- KEYS lock, lease(tok), result(tok), lease(me); ARGV tok, me, lease_ms
-  -- -> {2, bytes}: tok's outcome | {0, token, ttl_ms}: wait on token
+  -- KEYS lock, lease(tok), result(tok), lease(me), joined; ARGV tok, me, lease_ms
+  -- -> {2, outcome}: tok's outcome | {0, token, ttl_ms, current}: wait on
+  --    token (current 0: it is no longer the lock's, it was forgotten)
   --    | {1}: tok's lease ran out and no other execution runs: lead
   step = [[
 local r = redis.call('GET', KEYS[3])
 if r then return {2, r} end
 local ttl = redis.call('PTTL', KEYS[2])
-if ttl ~= -2 then return {0, ARGV[1], ttl} end
 local cur = redis.call('GET', KEYS[1])
+if ttl ~= -2 then return {0, ARGV[1], ttl, cur == ARGV[1] and 1 or 0} end
 if cur == ARGV[2] then return {1} end
-if cur and cur ~= ARGV[1] then return {0, cur, redis.call('PTTL', KEYS[1])} end
+if cur then
+  redis.call('SADD', KEYS[5], cur)
+  redis.call('PEXPIRE', KEYS[5], ARGV[3])
+  return {0, cur, redis.call('PTTL', KEYS[1]), 1}
+end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
 return {1}
 ]],
-  -- KEYS lock, lease(me); ARGV me, lease_ms, channel
+  -- KEYS lock, lease(me), joined; ARGV me, lease_ms, channel
   -- -> 1: renewed, and the waiters told | 0: lease lost
   renew = [[
 if redis.call('PEXPIRE', KEYS[2], ARGV[2]) == 0 then return 0 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
 redis.call('PUBLISH', ARGV[3], 'h' .. ARGV[1] .. '\n')
 return 1
 ]],
-  -- KEYS lock, lease(me), result(me); ARGV me, bytes, result_ms, channel
-  -- -> how many subscribers got the message
+  -- KEYS lock, lease(me), result(me), joined; ARGV me, outcome, result_ms, channel
+  -- -> {subscribers that got the message, 1 if another instance joined}
   release = [[
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 local n = redis.call('PUBLISH', ARGV[4], 'r' .. ARGV[1] .. '\n' .. ARGV[2])
 redis.call('DEL', KEYS[2])
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return n
+return {n, redis.call('SREM', KEYS[4], ARGV[1])}
 ]],
-  -- KEYS lock, lease(me); ARGV me, channel
+  -- KEYS lock, lease(me), joined; ARGV me, channel
   abandon = [[
 redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return redis.call('PUBLISH', ARGV[2], 'a' .. ARGV[1] .. '\n')
+]],
+  -- KEYS lock; ARGV channel -> 1: an execution was running (now forgotten) | 0
+  forget = [[
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], 'f' .. cur .. '\n')
+return 1
 ]],
 }
 
@@ -271,6 +314,32 @@ end
 local fleet = {}
 fleet.__index = fleet
 
+-- Servers whose eviction policy this worker asked about.
+local policy_asked = {}
+
+-- Warns (once per worker and server) when the server may evict keys: every
+-- key of the protocol has an expiry, so any policy but noeviction, with a
+-- maxmemory, may drop a running call's lease, and another instance then
+-- runs the call again. A server that refuses CONFIG is left alone.
+local function ask_policy(self, red)
+  policy_asked[self.where] = true
+  self.counts.commands = self.counts.commands + 1
+  local res = red:config("get", "maxmemory*")
+  if type(res) ~= "table" then
+    return
+  end
+  local conf = {}
+  for i = 1, #res - 1, 2 do
+    conf[res[i]] = res[i + 1]
+  end
+  local policy, limit = conf["maxmemory-policy"], tonumber(conf.maxmemory)
+  if policy and policy ~= "noeviction" and limit and limit > 0 then
+    ngx.log(ngx.WARN, "singleflight: redis at ", self.where, " evicts keys (maxmemory ", limit,
+            ", maxmemory-policy ", policy, "): under memory pressure it may drop the lease of ",
+            "a running call, which another instance then runs again; noeviction keeps them")
+  end
+end
+
 -- A connection from the pool (authenticated and on the db) and whether it
 -- was used before, or nil, why.
 local function connect(self)
@@ -305,6 +374,9 @@ local function connect(self)
         red:close()
         return nil, "select: " .. tostring(err)
       end
+    end
+    if not policy_asked[self.where] then
+      ask_policy(self, red)
     end
   end
   return red, nil, reused
@@ -360,17 +432,53 @@ local function call(self, name, nkeys, ...)
   end
 end
 
+-- A connection subscribed to `channel`, or nil, why.
+local function subscribe(self, channel)
+  local sub, err = connect(self)
+  if not sub then
+    return nil, err
+  end
+  self.counts.commands = self.counts.commands + 1
+  local ok
+  ok, err = sub:subscribe(channel)
+  if not ok then
+    sub:close()
+    return nil, "subscribe: " .. tostring(err)
+  end
+  return sub
+end
+
+-- Leaves the channel and puts the connection back, or closes it.
+local function leave(self, sub, channel)
+  sub:set_timeout(self.timeout_ms)
+  self.counts.commands = self.counts.commands + 1
+  local res = sub:unsubscribe(channel)
+  for _ = 1, MAX_FOREIGN do
+    if type(res) ~= "table" then
+      return sub:close()
+    elseif res[1] == "unsubscribe" then
+      return keep(self, sub)
+    end
+    res = sub:read_reply()
+  end
+  sub:close()
+end
+
 ---------------------------------------------------------------------------
--- Names
+-- Names: every part escaped, so that none can reach into another
 
 local function escape(c)
   return format("%%%02X", byte(c))
 end
 
+local function escaped(s)
+  return (gsub(s, "[%%{}|]", escape))
+end
+
 local function names_of(self, key)
-  -- no "}" inside the tag: its end is the one after prefix .. key
-  local tag = "{" .. gsub(self.prefix .. key, "[%%}]", escape) .. "}"
-  return { tag = tag, lock = tag .. ":lock", channel = tag .. ":done:" .. self.db }
+  local tag = self.head .. escaped(key) .. "}"
+  return { tag = tag, lock = tag .. ":lock", joined = tag .. ":joined",
+           channel = tag .. ":done:" .. self.db }
 end
 
 local function lease_of(n, token)
@@ -379,6 +487,44 @@ end
 
 local function result_of(n, token)
   return n.tag .. ":result:" .. token
+end
+
+---------------------------------------------------------------------------
+-- Outcomes sealed with the secret (as they are without one)
+
+local function mac(self, n, token, bytes)
+  return ngx.hmac_sha1(self.secret, n.channel .. "\n" .. token .. "\n" .. bytes)
+end
+
+local function seal(self, n, token, bytes)
+  if not self.secret then
+    return bytes
+  end
+  return mac(self, n, token, bytes) .. bytes
+end
+
+-- The bytes of a sealed outcome, or nil if its MAC is wrong.
+local function unseal(self, n, token, sealed)
+  if not self.secret then
+    return sealed
+  end
+  local bytes = ssub(sealed, MAC_LEN + 1)
+  if #sealed >= MAC_LEN and ssub(sealed, 1, MAC_LEN) == mac(self, n, token, bytes) then
+    return bytes
+  end
+  return nil
+end
+
+-- An outcome refused: counted, logged at most once a LOG_EVERY.
+local function refused(self)
+  self.counts.refused = self.counts.refused + 1
+  local now = clock()
+  if now >= self.next_refused_log then
+    self.next_refused_log = now + M.LOG_EVERY
+    ngx.log(ngx.WARN, "singleflight: redis at ", self.where, ": an outcome failed to ",
+            "authenticate (forged, altered, or sealed with another secret) and was refused (",
+            self.counts.refused, " so far in this worker)")
+  end
 end
 
 ---------------------------------------------------------------------------
@@ -402,30 +548,41 @@ end
 -- (a timeout, the connection lost): Redis may run it later all the same (a
 -- frozen server thawing), leaving a lock nobody renews or releases, and the
 -- next callers of the key waiting for its lease to run out. Such tokens are
--- abandoned once Redis answers again.
+-- abandoned by a timer of the worker, which tries at once and again (every
+-- FIRST_PAUSE, doubling up to RETRY) until Redis answers: sent after the
+-- script that timed out, the abandon runs after it (Redis serves what was
+-- sent in order). Once it answered, one more try follows, in case the
+-- answered one overtook the script.
 local MAX_ORPHANS = 100
+local FIRST_PAUSE = 0.05
+
+local abandon_orphans
 
 local function orphan(self, n, me)
   local o = self.orphans
   if #o < MAX_ORPHANS then
-    o[#o + 1] = { n.lock, lease_of(n, me), me, n.channel }
+    o[#o + 1] = { n.lock, lease_of(n, me), n.joined, me, n.channel, tries = 0 }
+  end
+  if not self.cleaning then
+    self.cleaning = ngx.timer.at(0, abandon_orphans, self) and true or false
   end
 end
 
-local function abandon_orphans(premature, self)
-  if premature then
-    self.cleaning = false
-    return
-  end
-  local o = self.orphans
-  while #o > 0 do
+function abandon_orphans(premature, self)
+  local o, pause = self.orphans, FIRST_PAUSE
+  while not premature and #o > 0 and not ngx.worker.exiting() do
     local t = o[#o]
-    local res, err = call(self, "abandon", 2, t[1], t[2], t[3], t[4])
-    if not res then
+    local res, err = call(self, "abandon", 3, t[1], t[2], t[3], t[4], t[5])
+    if res then
+      t.tries = t.tries + 1
+      if t.tries >= 2 then
+        o[#o] = nil
+      end
+    else
       note(self, err)
-      break
+      ngx.sleep(pause)
+      pause = min(pause * 2, M.RETRY)
     end
-    o[#o] = nil
   end
   self.cleaning = false
 end
@@ -438,7 +595,7 @@ end
 
 local function fallback(self, produce)
   self.counts.fallbacks = self.counts.fallbacks + 1
-  return produce(), "fallback"
+  return produce(), "fallback", false
 end
 
 local function fail(self, err, produce)
@@ -446,17 +603,35 @@ local function fail(self, err, produce)
   return fallback(self, produce)
 end
 
+-- Calls the caller's forgotten(), once per call.
+local function forgotten(opts)
+  local f = opts.forgotten
+  if f and not opts.told then
+    opts.told = true
+    pcall(f)
+  end
+end
+
 ---------------------------------------------------------------------------
 -- Leading
 
-local function renew_loop(self, n, me, state)
+-- Seconds the leader's listener reads at a time (a read that times out is
+-- logged by ngx_lua: it should seldom happen).
+local HEAR_FOR = 600
+
+-- The leader's light threads. keep_lead renews the lease every
+-- renew_every while produce runs; hear_lead, when the caller wants to hear
+-- of a forget, listens on the channel until the lead's own end is
+-- published there.
+local function keep_lead(self, n, me, state)
   local lease_key = lease_of(n, me)
   while true do
     local posted = state.sema:wait(self.renew_every)
     if posted or state.stop then
       return
     end
-    local res, err = call(self, "renew", 2, n.lock, lease_key, me, self.lease_ms, n.channel)
+    local res, err = call(self, "renew", 3, n.lock, lease_key, n.joined, me, self.lease_ms,
+                          n.channel)
     if not res then
       note(self, err)
     elseif res == 0 and not state.lost then
@@ -466,62 +641,110 @@ local function renew_loop(self, n, me, state)
   end
 end
 
-local function lead(self, n, me, produce)
+local function hear_lead(self, n, me, state, opts)
+  local sub = subscribe(self, n.channel)
+  if not sub then
+    state.hearing = false
+    return
+  end
+  sub:set_timeout(HEAR_FOR * 1000)
+  local forget_msg = "f" .. me .. "\n"
+  local tail = me .. "\n"
+  while not state.stop do
+    local res, err = sub:read_reply()
+    if res then
+      local m = res[1] == "message" and res[2] == n.channel and res[3]
+      if m == forget_msg then
+        forgotten(opts)
+      elseif m and ssub(m, 2, #tail + 1) == tail and (byte(m) == R or byte(m) == A) then
+        break -- the lead's end
+      end
+    elseif err ~= "timeout" then
+      sub:close()
+      state.hearing = false
+      return
+    end
+  end
+  state.hearing = false
+  leave(self, sub, n.channel)
+end
+
+-- Ends the leader's threads: its end's message (`told`: it was published)
+-- ends the listener; without it, the listener is killed.
+local function stop_lead(state, keeper, hearer, told)
+  state.stop = true
+  state.sema:post(1)
+  if keeper then
+    ngx.thread.wait(keeper)
+  end
+  if hearer and state.hearing and not told then
+    ngx.thread.kill(hearer)
+  elseif hearer then
+    ngx.thread.wait(hearer)
+  end
+end
+
+local function lead(self, n, me, produce, opts)
   local c = self.counts
   c.led = c.led + 1
-  local state = { sema = semaphore.new(), stop = false }
-  local spawned, thread = pcall(ngx.thread.spawn, renew_loop, self, n, me, state)
+  local state = { sema = semaphore.new(), stop = false, hearing = false }
+  local spawned, keeper = pcall(ngx.thread.spawn, keep_lead, self, n, me, state)
+  keeper = spawned and keeper or nil
+  local hearer
+  if opts.forgotten then
+    state.hearing = true
+    spawned, hearer = pcall(ngx.thread.spawn, hear_lead, self, n, me, state, opts)
+    hearer = spawned and hearer or nil
+    state.hearing = hearer ~= nil and state.hearing
+  end
   local ok, bytes = pcall(produce)
   state.stop = true
-  if spawned then
-    state.sema:post(1)
-    ngx.thread.wait(thread)
-  end
   if not ok then
     c.abandoned = c.abandoned + 1
-    local _, err = call(self, "abandon", 2, n.lock, lease_of(n, me), me, n.channel)
-    if err then
+    local res, err, sent = call(self, "abandon", 3, n.lock, lease_of(n, me), n.joined, me,
+                                n.channel)
+    stop_lead(state, keeper, hearer, res ~= nil)
+    if not res then
       note(self, err)
+      if sent then
+        orphan(self, n, me)
+      end
     end
     error(bytes, 0)
   end
   if type(bytes) ~= "string" then
+    stop_lead(state, keeper, hearer, false)
     error("singleflight.redis: produce returned " .. type(bytes) .. ", not the encoded outcome",
           2)
   end
-  local res, err = call(self, "release", 3, n.lock, lease_of(n, me), result_of(n, me), me, bytes,
-                        self.result_ms, n.channel)
+  local res, err, sent = call(self, "release", 4, n.lock, lease_of(n, me), result_of(n, me),
+                              n.joined, me, seal(self, n, me, bytes), self.result_ms, n.channel)
+  stop_lead(state, keeper, hearer, res ~= nil)
   if not res then
     note(self, err)
+    if sent then -- it may run later: a lock then left behind is given up
+      orphan(self, n, me)
+    end
+    return bytes, "led", false
   end
-  return bytes, "led", res or 0
+  return bytes, "led", res[2] == 1
 end
 
 ---------------------------------------------------------------------------
 -- Waiting
 
--- Leaves the channel and puts the connection back, or closes it.
-local function leave(self, sub, channel)
-  sub:set_timeout(self.timeout_ms)
-  self.counts.commands = self.counts.commands + 1
-  local res = sub:unsubscribe(channel)
+-- Reads the subscription until `token`'s outcome, `lease_end` (which each
+-- renewal of its lease moves on) or `deadline` (the caller's): "r", bytes
+-- | "a" (its leader gave up) | "check" (time to look at the lease) |
+-- "timeout" | nil, why.
+local function listen(self, sub, n, token, lease_end, deadline, opts)
+  local channel = n.channel
   for _ = 1, MAX_FOREIGN do
-    if type(res) ~= "table" then
-      return sub:close()
-    elseif res[1] == "unsubscribe" then
-      return keep(self, sub)
+    local now = clock()
+    if deadline and now >= deadline then
+      return "timeout"
     end
-    res = sub:read_reply()
-  end
-  sub:close()
-end
-
--- Reads the subscription until `token`'s outcome or `deadline`, which each
--- renewal of its lease moves on: "r", bytes | "a" (its leader gave up) |
--- "check" (time to look at the lease) | nil, why.
-local function listen(self, sub, channel, token, deadline)
-  for _ = 1, MAX_FOREIGN do
-    local ms = ceil((deadline - clock()) * 1000)
+    local ms = ceil(((deadline and deadline < lease_end and deadline or lease_end) - now) * 1000)
     if ms <= 0 then
       return "check"
     end
@@ -529,6 +752,9 @@ local function listen(self, sub, channel, token, deadline)
     local res, err = sub:read_reply()
     if not res then
       if err == "timeout" then
+        if deadline and clock() >= deadline then
+          return "timeout"
+        end
         return "check"
       end
       return nil, "subscription: " .. tostring(err)
@@ -539,36 +765,43 @@ local function listen(self, sub, channel, token, deadline)
       if nl and ssub(m, 2, nl - 1) == token then
         local kind = ssub(m, 1, 1)
         if kind == "r" then
-          return "r", ssub(m, nl + 1)
+          local bytes = unseal(self, n, token, ssub(m, nl + 1))
+          if bytes then
+            return "r", bytes
+          end
+          refused(self) -- and the real one may still come
         elseif kind == "a" then
           return "a"
+        elseif kind == "f" then
+          forgotten(opts)
+        elseif kind == "h" then -- the lease was renewed just now
+          lease_end = clock() + (self.lease_ms + MARGIN_MS) / 1000
         end
-        -- "h": the lease was renewed just now
-        deadline = clock() + (self.lease_ms + MARGIN_MS) / 1000
       end
     end
   end
   return "check"
 end
 
-local function wait(self, n, me, token, produce)
+local function timed_out(self)
+  self.counts.timeouts = self.counts.timeouts + 1
+  return nil, "timeout", false
+end
+
+local function wait(self, n, me, token, produce, opts, deadline)
   local c = self.counts
-  local sub, err = connect(self)
+  if deadline and clock() >= deadline then
+    return timed_out(self)
+  end
+  local sub, err = subscribe(self, n.channel)
   if not sub then
     return fail(self, err, produce)
-  end
-  c.commands = c.commands + 1
-  local ok
-  ok, err = sub:subscribe(n.channel)
-  if not ok then
-    sub:close()
-    return fail(self, "subscribe: " .. tostring(err), produce)
   end
   -- subscribed before this first step: no message can be missed
   while true do
     local res, sent
-    res, err, sent = call(self, "step", 4, n.lock, lease_of(n, token), result_of(n, token),
-                          lease_of(n, me), token, me, self.lease_ms)
+    res, err, sent = call(self, "step", 5, n.lock, lease_of(n, token), result_of(n, token),
+                          lease_of(n, me), n.joined, token, me, self.lease_ms)
     if not res then
       sub:close()
       if sent then
@@ -577,23 +810,35 @@ local function wait(self, n, me, token, produce)
       return fail(self, err, produce)
     elseif res[1] == 2 then
       leave(self, sub, n.channel)
+      local bytes = unseal(self, n, token, res[2])
+      if not bytes then -- as if its leader went away without a trace: here, then
+        refused(self)
+        return fallback(self, produce)
+      end
       c.waited = c.waited + 1
-      return res[2], "waited"
+      return bytes, "waited", true
     elseif res[1] == 1 then
       leave(self, sub, n.channel)
       c.takeovers = c.takeovers + 1
-      return lead(self, n, me, produce)
+      return lead(self, n, me, produce, opts)
     end
     token = res[2]
+    if res[4] == 0 then
+      forgotten(opts)
+    end
     local ttl = res[3]
     if type(ttl) ~= "number" or ttl < 0 then
       ttl = self.lease_ms
     end
-    local kind, bytes = listen(self, sub, n.channel, token, clock() + (ttl + MARGIN_MS) / 1000)
+    local kind, bytes = listen(self, sub, n, token, clock() + (ttl + MARGIN_MS) / 1000, deadline,
+                               opts)
     if kind == "r" then
       leave(self, sub, n.channel)
       c.waited = c.waited + 1
-      return bytes, "waited"
+      return bytes, "waited", true
+    elseif kind == "timeout" then
+      leave(self, sub, n.channel)
+      return timed_out(self)
     elseif not kind then
       sub:close()
       return fail(self, bytes, produce)
@@ -605,23 +850,35 @@ end
 ---------------------------------------------------------------------------
 -- The fleet
 
---- A fleet handle over the Redis of `settings` (see check). Connects
--- lazily: Redis down now is no error.
-function M.new(settings, fname, level)
-  local s = checked(settings, fname or "new", level or 1)
+--- A fleet handle over the Redis of `settings` (see check), for the group
+-- `space`: { shm = the lua_shared_dict's name, group = the name of a group
+-- made by singleflight.group, or nil }. Connects lazily: Redis down now is
+-- no error.
+function M.new(settings, space)
+  local s = checked(settings, "new", 1)
+  if type(space) ~= "table" or type(space.shm) ~= "string"
+     or (space.group ~= nil and type(space.group) ~= "string") then
+    error("bad argument #2 to 'new' ({ shm = string, group = string or nil } expected)", 2)
+  end
   load_env()
+  if s.secret and not ngx.hmac_sha1 then
+    error("bad option 'redis' to 'new' (field 'secret': this nginx has no ngx.hmac_sha1)", 2)
+  end
   local self = setmetatable({
     host = s.host, port = s.port, path = s.path, password = s.password, db = s.db,
-    prefix = s.prefix, pool_size = s.pool_size,
+    secret = s.secret, pool_size = s.pool_size,
+    head = escaped(s.prefix) .. "{" .. escaped(space.shm) .. "|"
+           .. (space.group and "=" .. escaped(space.group) or "-") .. "|",
     lease_ms = ceil(s.lease * 1000), timeout_ms = ceil(s.timeout * 1000),
     renew_every = s.lease / 3,
-    result_ms = ceil(math.max(s.lease, 2 * s.timeout, 2) * 1000),
+    result_ms = ceil(max(s.lease, 2 * s.timeout, 2) * 1000),
     idle_ms = 60000,
     where = s.path and ("unix:" .. s.path) or (s.host .. ":" .. s.port),
-    down_until = 0, next_log = 0, unlogged = 0, orphans = {}, cleaning = false,
+    down_until = 0, next_log = 0, unlogged = 0, next_refused_log = 0, orphans = {},
+    cleaning = false,
     counts = {
       led = 0, waited = 0, fallbacks = 0, takeovers = 0, abandoned = 0, lost = 0,
-      errors = 0, commands = 0,
+      errors = 0, commands = 0, timeouts = 0, refused = 0,
     },
   }, fleet)
   self.connect_opts = {
@@ -631,21 +888,29 @@ function M.new(settings, fname, level)
   return self
 end
 
+local NO_OPTS = {}
+
 --- The outcome of `key` across the fleet: bytes, "led" | "waited" |
--- "fallback" (and for "led", how many instances the outcome went to).
--- Errors raised by produce propagate.
-function fleet:outcome(key, produce)
+-- "fallback" | "timeout" (no bytes), and whether it was handed across
+-- instances. opts (optional): wait, the seconds a wait on another instance
+-- may last; forgotten, called when the execution is forgotten. Errors
+-- raised by produce propagate.
+function fleet:outcome(key, produce, opts)
   if type(key) ~= "string" then
     error("bad argument #1 to 'outcome' (string expected, got " .. type(key) .. ")", 2)
   end
+  opts = opts and { wait = opts.wait, forgotten = opts.forgotten } or NO_OPTS
   if not COSOCKET_PHASES[ngx.get_phase()] then
     return fallback(self, produce)
   end
-  if clock() < self.down_until then
+  local now = clock()
+  if now < self.down_until then
     return fallback(self, produce)
   end
+  local deadline = opts.wait and now + opts.wait
   local n, me = names_of(self, key), new_token()
-  local res, err, sent = call(self, "acquire", 2, n.lock, lease_of(n, me), me, self.lease_ms)
+  local res, err, sent = call(self, "acquire", 3, n.lock, lease_of(n, me), n.joined, me,
+                              self.lease_ms)
   if not res then
     if sent then
       orphan(self, n, me)
@@ -654,35 +919,36 @@ function fleet:outcome(key, produce)
   end
   answered(self)
   if res[1] == 1 then
-    return lead(self, n, me, produce)
+    return lead(self, n, me, produce, opts)
   end
-  return wait(self, n, me, res[2], produce)
+  return wait(self, n, me, res[2], produce, opts, deadline)
+end
+
+-- forget from a phase without cosockets: a timer runs it.
+local function forget_later(premature, self, key)
+  if not premature then
+    self:forget(key)
+  end
 end
 
 --- Later callers of `key` across the fleet start a new execution; callers
 -- waiting on the running one still get its outcome. True if one was
--- running; false, why if Redis could not be asked.
+-- running; false, why if Redis could not be asked (in a phase without
+-- cosockets a timer asks it: false, "later").
 function fleet:forget(key)
   if type(key) ~= "string" then
     error("bad argument #1 to 'forget' (string expected, got " .. type(key) .. ")", 2)
   end
   if not COSOCKET_PHASES[ngx.get_phase()] then
-    return false, "no cosockets in the " .. ngx.get_phase() .. " phase"
+    local ok, err = ngx.timer.at(0, forget_later, self, key)
+    return false, ok and "later" or err
   end
-  local red, err = connect(self)
-  if not red then
+  local n = names_of(self, key)
+  local res, err = call(self, "forget", 1, n.lock, n.channel)
+  if not res then
     note(self, err)
     return false, err
   end
-  self.counts.commands = self.counts.commands + 1
-  local res
-  res, err = red:del(names_of(self, key).lock)
-  if not res then
-    red:close()
-    note(self, "del: " .. tostring(err))
-    return false, err
-  end
-  keep(self, red)
   return res == 1
 end
 

@@ -25,7 +25,10 @@
 --                  last watcher to read it deletes it (or it expires).
 --   g<base>        the generation, only after a forget: later callers use
 --                  the next lock, and those waiting on the forgotten
---                  execution still get its result.
+--                  execution still get its result. Every leader of the key,
+--                  a forgotten one too, renews it with its lock: it lives as
+--                  long as an execution it set apart can still be joined,
+--                  and runs out soon after the key's last one.
 --   s              the dict's change count, bumped whenever a lock is let
 --                  go.
 --
@@ -50,9 +53,8 @@ if type(ngx) ~= "table" or type(ngx.shared) ~= "table" then
   error("singleflight: the shm option needs OpenResty (ngx_lua)", 2)
 end
 
-local collectgarbage, error, getmetatable, next, pairs, pcall, rawget, select, setmetatable,
-      tostring, type = collectgarbage, error, getmetatable, next, pairs, pcall, rawget, select,
-      setmetatable, tostring, type
+local error, getmetatable, next, pairs, pcall, rawget, select, setmetatable, tostring, type =
+      error, getmetatable, next, pairs, pcall, rawget, select, setmetatable, tostring, type
 local unpack = table.unpack or unpack -- luacheck: ignore 143
 local sfmt, sub, match = string.format, string.sub, string.match
 local co_running = coroutine.running
@@ -80,11 +82,11 @@ local DONE = 0
 -- RENEW, so a worker whose event loop stalls for LEASE - RENEW loses its
 -- leads. A watcher notices a dead leader's lock run out at once.
 local LEASE, RENEW = 0.9, 0.15
-local POLL = 0.001           -- the poller's beat
+local POLL_MIN, POLL_MAX = 0.001, 0.004 -- the poller's beat: see poll
 local CHECK = 0.25           -- a watcher looks for itself at least this often
 local STALE = 4 * CHECK      -- a watcher not back by then went away
 local WATCH_TTL = 3 * LEASE  -- a watchers' count, renewed by the leader
-local GEN_TTL = 2 * LEASE    -- a generation, renewed by its leaders
+local GEN_TTL = 2 * LEASE    -- a generation, renewed by every leader of its key
 local RESULT_TTL = 5         -- a result nobody came back for
 local LOG_EVERY = 60
 local CLOSED = 2 ^ 30
@@ -160,17 +162,13 @@ end
 ---------------------------------------------------------------------------
 -- Leads of this worker and their renewal
 
--- token -> { dict, lkey, val, wkey, gkey|nil, co|main, expires|nil,
---   since }: the leader's coroutine is held weakly, so that one that
---   nginx let go of (a killed light thread) can be collected.
+-- token -> { dict, lkey, val, wkey, gkey, co|main, expires|nil }:
+--   the leader's coroutine is held weakly, so that one that nginx let go
+--   of (a killed light thread) can be collected.
 local leading = {}
 local renewing = false
 local WEAK = { __mode = "v" }
--- A lead suspended this long with watchers makes the renewal run a full
--- collection (at most once per COLLECT_EVERY): a light thread killed by
--- ngx.thread.kill keeps its stack until collected.
-local SUSPECT_AFTER, COLLECT_EVERY = 2, 5
-local last_collect = -math.huge
+local anchored = core.anchored
 
 -- Its frame marks a live lead: the timer looks for it on the leader's
 -- coroutine (nginx kills the coroutines of requests that go away without
@@ -180,7 +178,17 @@ local function lead_frame(rec, fn, ...) -- luacheck: ignore 212
   return ok, v, err
 end
 
--- Is rec's lead still running: lead_frame with rec on its coroutine?
+-- The fleet step's frame (the redis option): the lead holds from its first
+-- Redis command to its last, waiting on another instance included, not
+-- only while fn runs. Not a tail call.
+local function fleet_frame(rec, fleet, skey, produce, opts) -- luacheck: ignore 212
+  local bytes, how, shared = fleet:outcome(skey, produce, opts)
+  return bytes, how, shared
+end
+
+local LEAD_FRAMES = { [lead_frame] = true, [fleet_frame] = true }
+
+-- Is rec's lead still running: a lead frame with rec on its coroutine?
 local function live(rec)
   if rec.main then
     return true -- the main thread: nothing to go by
@@ -192,7 +200,7 @@ local function live(rec)
   local running = co == co_running()
   if not running then
     local status = co_status(co)
-    if status == "dead" then
+    if status == "dead" or anchored(co) == false then -- nginx let it go
       return false
     elseif status == "normal" then -- it resumed another coroutine
       return true
@@ -209,7 +217,7 @@ local function live(rec)
     if not info then
       return false
     end
-    if info.func == lead_frame then
+    if LEAD_FRAMES[info.func] then
       local _, v
       if running then
         _, v = getlocal(level, 1)
@@ -226,7 +234,7 @@ end
 
 -- One round of renewals.
 local function renew()
-  local at, collect, swept = now(), false, false
+  local swept = false
   for token, rec in pairs(leading) do
     local dict = rec.dict
     if not live(rec) then -- its request went away: let the others take over
@@ -256,16 +264,8 @@ local function renew()
         if rec.gkey then
           dict:expire(rec.gkey, GEN_TTL)
         end
-        if not collect and at - rec.since >= SUSPECT_AFTER and rec.co
-           and co_status(rec.co) == "suspended" and (dict:get(rec.wkey) or 0) > 0 then
-          collect = true
-        end
       end
     end
-  end
-  if collect and at - last_collect >= COLLECT_EVERY then
-    last_collect = at
-    collectgarbage()
   end
 end
 
@@ -360,29 +360,69 @@ local function from_fleet(bytes, skey)
   return false, crossed_panic(a, b, skey)
 end
 
+-- Moves a key (gkey: "g" .. its base) to its next generation: its later
+-- callers start a new execution, those waiting on the running one still
+-- get its result.
+local function next_generation(t, gkey)
+  local dict = t.dict
+  local n, err = dict:incr(gkey, 1)
+  if not n then
+    local ok
+    ok, err = dict:safe_add(gkey, 0, GEN_TTL)
+    if ok or err == "exists" then
+      n, err = dict:incr(gkey, 1)
+    end
+  end
+  if not n then
+    degraded(t, err)
+  else
+    dict:expire(gkey, GEN_TTL)
+  end
+end
+
 -- Runs fn for the instance: itself, or, with a fleet, as the fleet's one
 -- execution of the key (another instance's outcome, decoded, when it led).
-local function run_lead(t, rec, skey, fn, ...)
+-- A wait on another instance ends at the caller's deadline: RETRY (the
+-- caller times out), or with on_timeout = "run", fn runs here. A forget
+-- of the execution anywhere in the fleet moves the key to its next
+-- generation here too.
+local function run_lead(t, rec, ctx, fn, ...)
   local fleet = t.fleet
   if not fleet then
     return lead_frame(rec, fn, ...)
   end
+  local skey, dict = ctx.skey, t.dict
   local ran, ok, v, err = false, nil, nil, nil
   local n, args = select("#", ...), { ... }
-  local bytes, how = fleet:outcome(skey, function()
+  local bytes, how, shared = fleet_frame(rec, fleet, skey, function()
     ran = true
     ok, v, err = lead_frame(rec, fn, unpack(args, 1, n))
     if not ok and not is_panic(v) then -- the handler failed: a bare value
       v = new_panic(v)
     end
     return fleet_bytes(ok, v, err)
-  end)
+  end, {
+    wait = ctx.deadline and (ctx.deadline > now() and ctx.deadline - now() or 0),
+    forgotten = function()
+      local gkey = "g" .. ctx.base
+      if dict:get("l" .. (dict:get(gkey) or 0) .. ":" .. ctx.base) == rec.val then
+        next_generation(t, gkey)
+      end
+    end,
+  })
   local counts = t.counts
   counts["fleet_" .. how] = counts["fleet_" .. how] + 1
+  ctx.fleet_shared = shared
   if ran then
     return ok, v, err
+  elseif how == "timeout" and t.opts.on_timeout == "run" then
+    return lead_frame(rec, fn, unpack(args, 1, n))
   end
-  counts.fnruns = counts.fnruns - 1 -- another instance ran it
+  counts.fnruns = counts.fnruns - 1 -- another instance ran it, or none did
+  if how == "timeout" then
+    return RETRY
+  end
+  ctx.ran = false -- another caller's outcome
   return from_fleet(bytes, skey)
 end
 
@@ -430,7 +470,7 @@ local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
   local co = co_running()
   local rec = setmetatable({ dict = dict, lkey = lkey, pkey = pkey, val = val,
                              wkey = "w" .. token, gkey = gkey, co = co, main = co == nil,
-                             expires = expires, since = now() }, WEAK)
+                             expires = expires }, WEAK)
   leading[token] = rec
   schedule()
   local counts = t.counts
@@ -439,8 +479,16 @@ local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
     counts.takeovers = counts.takeovers + 1
   end
   ctx.ran = true
-  local ok, v, err = run_lead(t, rec, ctx.skey, fn, ...)
+  local ok, v, err = run_lead(t, rec, ctx, fn, ...)
   leading[token] = nil
+  if ok == RETRY then -- it timed out waiting on another instance: no outcome
+    if dict:get(lkey) == val then
+      dict:delete(lkey)
+      bump(dict)
+    end
+    ctx.timed_out = true
+    return RETRY
+  end
   if not ok and not is_panic(v) then -- the handler failed: a bare value
     v = new_panic(v)
   end
@@ -465,7 +513,7 @@ local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
     end
     bump(dict)
   end
-  ctx.shared = shared
+  ctx.shared = shared or ctx.fleet_shared == true
   if not ok then
     v.crossed, v.key = true, ctx.skey
     error(v, 0)
@@ -519,9 +567,12 @@ local function drop(dict, held)
 end
 
 ---------------------------------------------------------------------------
--- The poller: one light thread per worker, while anybody watches. Every
--- POLL seconds it reads the dict's change count (bumped by every leader
--- that ends), and when it moved, wakes the watchers whose lock changed.
+-- The poller: one light thread per worker, while anybody watches. It
+-- reads the dict's change count (bumped by every leader that ends), and
+-- when it moved, wakes the watchers whose lock changed. It looks again
+-- after POLL_MIN seconds, twice as long after each look that saw nothing
+-- move, up to POLL_MAX: a watcher of a long call costs its worker a few
+-- hundred looks a second, and an answer reaches it within POLL_MAX.
 -- A watcher also wakes by itself when its lock's lease would run out (a
 -- dead leader) and every CHECK seconds.
 
@@ -530,9 +581,9 @@ local watchers, nwatchers, polling = {}, 0, false
 local seen = setmetatable({}, { __mode = "k" }) -- dict -> its last count
 
 local function poll()
-  local moved = {}
+  local moved, pause = {}, POLL_MIN
   while nwatchers > 0 do
-    local at = now()
+    local at, any = now(), false
     for d in pairs(moved) do
       moved[d] = nil
     end
@@ -543,6 +594,7 @@ local function poll()
         local n = d:get(SEQ)
         m = n ~= seen[d]
         seen[d], moved[d] = n, m
+        any = any or m
       end
       if at - w.touched > STALE then -- its coroutine went away
         watchers[w] = nil
@@ -552,7 +604,12 @@ local function poll()
         w.sema:post(1)
       end
     end
-    ngx_sleep(POLL)
+    if any then
+      pause = POLL_MIN
+    elseif pause < POLL_MAX then
+      pause = pause * 2 < POLL_MAX and pause * 2 or POLL_MAX
+    end
+    ngx_sleep(pause)
   end
 end
 
@@ -623,7 +680,7 @@ local function watch(t, ctx, lkey, val, held)
     local at = now()
     local pause = CHECK
     if not polling then -- no timer for the poller: on its own, then
-      pause = POLL
+      pause = POLL_MAX
     end
     local ttl = dict:ttl(lkey)
     if ttl and ttl > 0 and ttl + 0.001 < pause then
@@ -741,8 +798,9 @@ local function step(self, t, ctx, fn, ...)
       if ok then
         if gen == 0 or dict:expire(gkey, GEN_TTL) then
           drop(dict, held) -- this lead succeeds that one (see lead)
-          return lead(t, ctx, lkey, "p" .. gen .. ":" .. base, mine, token,
-                      gen > 0 and gkey or nil, fn, ...)
+          -- gkey: renewed with the lock while it is there (a forget may
+          -- come while this runs: it then holds as long as this can be joined)
+          return lead(t, ctx, lkey, "p" .. gen .. ":" .. base, mine, token, gkey, fn, ...)
         end
         dict:delete(lkey) -- the generation ran out meanwhile: start again
       elseif err ~= "exists" then
@@ -862,24 +920,12 @@ methods.forget = function(self, key)
   local base = base_of(t, skey)
   t.current[skey] = nil
   local dict, gkey = t.dict, "g" .. base
-  local gen = dict:get(gkey) or 0
-  if dict:get("l" .. gen .. ":" .. base) == nil then
-    return was
+  local here = dict:get("l" .. (dict:get(gkey) or 0) .. ":" .. base) ~= nil
+  if here then
+    next_generation(t, gkey)
   end
-  local n, err = dict:incr(gkey, 1)
-  if not n then
-    local ok
-    ok, err = dict:safe_add(gkey, 0, GEN_TTL)
-    if ok or err == "exists" then
-      n, err = dict:incr(gkey, 1)
-    end
-  end
-  if not n then
-    degraded(t, err)
-  else
-    dict:expire(gkey, GEN_TTL)
-  end
-  return true
+  local there = t.fleet ~= nil and t.fleet:forget(skey) == true -- every instance
+  return was or here or there
 end
 
 methods.stats = function(self)
@@ -894,8 +940,9 @@ methods.stats = function(self)
     st.leads, st.waits, st.takeovers, st.fallbacks =
       c.leads, c.waits, c.takeovers, c.fallbacks
     if t.fleet then -- this worker's leads, across the fleet
-      st.fleet_leads, st.fleet_waits, st.fleet_fallbacks =
-        c.fleet_led, c.fleet_waited, c.fleet_fallback
+      st.fleet_leads, st.fleet_waits, st.fleet_fallbacks, st.fleet_timeouts =
+        c.fleet_led, c.fleet_waited, c.fleet_fallback, c.fleet_timeout
+      st.timeouts = st.timeouts + c.fleet_timeout
     end
   end
   return st
@@ -1010,9 +1057,11 @@ function M.attach(g, o, name)
     be = o.backend ~= "auto" and resolve(o.backend) or nil,
     counts = { leads = 0, waits = 0, takeovers = 0, fallbacks = 0, steps = 0,
                fnruns = 0, dups = 0, remote_panics = 0,
-               fleet_led = 0, fleet_waited = 0, fleet_fallback = 0 },
+               fleet_led = 0, fleet_waited = 0, fleet_fallback = 0, fleet_timeout = 0 },
     current = setmetatable({}, { __mode = "v" }),
-    fleet = o.redis and require("singleflight.redis").new(o.redis) or nil,
+    -- the group's identity across the fleet: the dict's name and its own
+    fleet = o.redis and require("singleflight.redis").new(o.redis, { shm = o.shm, group = name })
+            or nil,
   }
 end
 
