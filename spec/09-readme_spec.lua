@@ -73,4 +73,16 @@ describe("the README", function()
     assert.equal(2, #expected)
     assert.same(expected, printed)
   end)
+
+  -- (spec/44-openresty_swr_spec.lua runs it inside nginx)
+  it("the stale-while-revalidate recipe is spec/swr.lua, as written", function()
+    local body = example("Recipe: stale%-while%-revalidate over lua%-resty%-lrucache")
+    local f = assert(io.open("spec/swr.lua", "rb"))
+    local file = f:read("*a")
+    f:close()
+    local function code(text) -- from the first require on
+      return assert(text:match("\n(local lrucache = require.*)$"))
+    end
+    assert.equal(code(file), code(body))
+  end)
 end)
