@@ -71,6 +71,18 @@ local function get(key, run)
   return median(t)
 end
 
+-- The value of key in the run where score(value, run) is the largest.
+local function worst_run(key, score)
+  local worst, top
+  for r = 1, nruns do
+    local v = get(key, r)
+    if v and (top == nil or score(v, r) > top) then
+      worst, top = v, score(v, r)
+    end
+  end
+  return worst
+end
+
 -- a / b within each run
 local function ratio(a, b)
   return per_run(function(r)
@@ -304,6 +316,60 @@ do
       end, true) -- skipped where nginx with the Lua module can't run
 end
 
+-- A big heap: /ping's worst latency beside slow calls with waiters, through
+-- singleflight and through a plain-Lua singleflight on ngx.semaphore
+do
+  local d = per_run(function(r)
+    local s, p = get("nginx.heap_sf_worst_ms", r), get("nginx.heap_plain_worst_ms", r)
+    return s and p and s - p
+  end)
+  row(fmt("big heap: /ping worst, singleflight vs plain Lua (%s MB of Lua heap, %s keys "
+          .. "whose fn waits %g s, %s waiters each)", num(get("nginx.heap_mb"), 0),
+          num(get("nginx.heap_keys") or 20, 0), get("nginx.heap_secs") or 3,
+          num(get("nginx.heap_waiters") or 2, 0)),
+      fmt("%s ms (singleflight worst %s ms, p99 %s ms; plain worst %s ms, p99 %s ms)",
+          d and fmt("%+.1f", d) or "n/a", num(get("nginx.heap_sf_worst_ms"), 2),
+          num(get("nginx.heap_sf_p99_ms"), 2), num(get("nginx.heap_plain_worst_ms"), 2),
+          num(get("nginx.heap_plain_p99_ms"), 2)),
+      "within plain's + 100 ms", d, function(v)
+        if v <= 100 then
+          return "PASS"
+        end
+        return fmt("MISS (%+.1f ms over)", v - 100)
+      end, true)
+end
+
+-- Watching: the CPU of a worker whose caller waits on another worker's leader
+do
+  local w = get("nginx.watch_worst_pct")
+  row(fmt("watching: CPU of the worst worker whose caller waits on another's leader, "
+          .. "over %g s (%s nginx workers, shm)", get("nginx.watch_secs") or 10,
+          num(get("nginx.watch_workers") or 4, 0)),
+      fmt("%s %% of a core (the same workers idle %s %%; the leader's %s %%)",
+          num(w, 2), num(get("nginx.watch_idle_pct"), 2),
+          num(get("nginx.watch_leader_pct"), 2)),
+      "<= 0.5 %", w, at_most(0.5), true)
+end
+
+-- Many keys over several workers: executions (the worst run) and lag
+do
+  local keys = get("nginx.keys_keys") or 1000
+  local worst = worst_run("nginx.keys_execs", function(e, r)
+    return math.abs(e - (get("nginx.keys_keys", r) or keys))
+  end)
+  row(fmt("%s keys x %s nginx workers, %s callers per key per worker, fn %g s (shm): "
+          .. "executions", num(keys, 0), num(get("nginx.keys_workers") or 4, 0),
+          num((get("nginx.keys_callers") or 40000) / keys
+              / (get("nginx.keys_workers") or 4), 0),
+          get("nginx.keys_secs") or 3),
+      fmt("%s (the worst run); event-loop lag at worst %s ms; %s of %s callers answered, "
+          .. "%s errors", num(worst, 0),
+          num(worst_run("nginx.keys_lag_ms", function(l) return l end), 1),
+          num(get("nginx.keys_answered"), 0), num(get("nginx.keys_callers"), 0),
+          num(get("nginx.keys_errors"), 0)),
+      fmt("%s (one per key)", num(keys, 0)), worst, equals(keys), true)
+end
+
 ---------------------------------------------------------------------------
 -- Output
 
@@ -413,6 +479,23 @@ if get("nginx.xworker_shm_p99_ms") then
       num(get("nginx.xworker_shm_p50_ms"), 2), num(get("nginx.xworker_shm_p99_ms"), 2),
       num(get("nginx.xworker_worker_p50_ms"), 2), num(get("nginx.xworker_worker_p99_ms"), 2),
       meta.nginx or "nginx")
+end
+if get("nginx.heap_sf_worst_ms") then
+  add("Big heap, /ping latency (one request after another, 10 ms apart), ms",
+      "singleflight worst %s, p99 %s (%s pings; at most %s executions a round); plain Lua "
+      .. "worst %s, p99 %s (%s pings; at most %s executions a round); %s small tables",
+      num(get("nginx.heap_sf_worst_ms"), 2), num(get("nginx.heap_sf_p99_ms"), 2),
+      num(get("nginx.heap_sf_pings"), 0), num(get("nginx.heap_sf_execs"), 0),
+      num(get("nginx.heap_plain_worst_ms"), 2), num(get("nginx.heap_plain_p99_ms"), 2),
+      num(get("nginx.heap_plain_pings"), 0), num(get("nginx.heap_plain_execs"), 0),
+      num(get("nginx.heap_tables"), 0))
+end
+if get("nginx.keys_lag_ms") then
+  local worst_lag = worst_run("nginx.keys_lag_ms", function(l) return l end)
+  add("Many keys over nginx workers: event-loop lag (a 10 ms timer: how late), ms",
+      "median %s, worst run %s; spawning each worker's callers took %s ms, the load %s s",
+      num(get("nginx.keys_lag_ms"), 1), num(worst_lag, 1), num(get("nginx.keys_spawn_ms"), 0),
+      num(get("nginx.keys_took_s"), 2))
 end
 add("C core, private group (no locks), ns per acquire+finish", "%s",
     num(get("core.private_ns")))

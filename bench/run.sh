@@ -100,13 +100,15 @@ run_lua() { # version mode [extra cpath dir]
     bench/lua_bench.lua "$2" "$SCALE"
 }
 
-# bench/nginx_bench.lua, for the row across nginx workers: LuaJIT and
-# LuaSocket drive a throwaway nginx (it says why on stderr when it can't)
+# bench/nginx_bench.lua, for the row across nginx workers, and
+# bench/nginx_heap_bench.lua, nginx_watch_bench.lua and nginx_keys_bench.lua
+# (a big heap, the CPU of watching, 1000 keys x 4 workers): LuaJIT and
+# LuaSocket drive a throwaway nginx (each says why on stderr when it can't)
 nginx_bench=
 if command -v luajit >/dev/null 2>&1 && luajit -e 'require "socket"' 2>/dev/null; then
   nginx_bench=yes
 else
-  note "luajit or LuaSocket missing: the row across nginx workers is skipped"
+  note "luajit or LuaSocket missing: the nginx rows are skipped"
 fi
 
 # ---- the machine ----
@@ -152,6 +154,12 @@ while [ "$run" -le "$RUNS" ]; do
   if [ -n "$nginx_bench" ]; then
     note "run $run of $RUNS: across nginx workers"
     collect "$run nginx" luajit bench/nginx_bench.lua "$SCALE"
+    note "run $run of $RUNS: nginx, a big heap beside plain Lua"
+    collect "$run nginx" luajit bench/nginx_heap_bench.lua "$SCALE"
+    note "run $run of $RUNS: nginx, the CPU of watching workers"
+    collect "$run nginx" luajit bench/nginx_watch_bench.lua "$SCALE"
+    note "run $run of $RUNS: nginx, 1000 keys x 4 workers"
+    collect "$run nginx" luajit bench/nginx_keys_bench.lua "$SCALE"
   fi
   run=$((run + 1))
 done
