@@ -314,3 +314,37 @@ describe("abandonment reported from a finalizer under LuaJIT's JIT", function()
     assert.equal("rounds done\n", out)
   end)
 end)
+
+-- A started call's light thread closed while the scheduler still lists it
+-- (Lua 5.4, cqueues): the future's wait takes over and answers, as the
+-- waiters of a g:call leader closed the same way do.
+describe("a started call's light thread closed by coroutine.close", function()
+  local cqueues = coroutine.close and pcall(require, "cqueues") and require("cqueues")
+  local test = cqueues and it or pending
+  test("the future's wait takes over and answers", function()
+    local cq = cqueues.new()
+    local g = singleflight.new { backend = "cqueues" }
+    local runs, leader, got = 0, nil, nil
+    cq:wrap(function()
+      local f = g:start("k", function()
+        runs = runs + 1
+        leader = leader or coroutine.running()
+        cqueues.sleep(0.05)
+        return "v" .. runs
+      end)
+      got = { pcall(f.wait, f, 5) }
+    end)
+    cq:wrap(function()
+      cqueues.sleep(0.01)
+      assert(coroutine.close(leader))
+    end)
+    local deadline = cqueues.monotime() + 5 -- hang guard
+    while not got and cqueues.monotime() < deadline do
+      cq:step(0.01) -- (cqueues reports the closed thread it still lists)
+    end
+    assert.same({ true, "v2", nil, false }, got)
+    assert.equal(2, runs)
+    assert.equal(1, g:stats().abandoned)
+    assert.equal(0, g:stats().inflight)
+  end)
+end)

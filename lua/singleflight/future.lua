@@ -180,11 +180,12 @@ M.spawner = spawner
 
 --[[
 g:start(key, fn, ...) and g:start_detached(key, fn, ...) -> a future;
-fname is the method's name, for messages. Entered in tail position from
-the methods, so that error levels count from the caller.
+fname is the method's name, for messages. Called from the methods (not in
+tail position: Lua 5.1 would lose the caller's line), errors blame their
+caller's caller.
 ]]
 local function start(self, detached, fname, key, fn, ...)
-  local st0, _, _, skey = acquire(self, key, fn, fname, core.CHECK)
+  local st0, _, _, skey = acquire(self, key, fn, fname, core.CHECK + core.DEEPER)
   if st0 == TIERED then -- a group over nginx workers: its tier starts it
     return M.tiered_start(self, detached, key, fn, ...)
   end
@@ -192,7 +193,7 @@ local function start(self, detached, fname, key, fn, ...)
   local spawn = spawner(be, detached)
   if not spawn then
     error(sfmt("singleflight: start needs a backend that can spawn light threads "
-               .. "(backend %q has no spawn)", tostring(be.name or "table")), 2)
+               .. "(backend %q has no spawn)", tostring(be.name or "table")), 3)
   end
   local st, c, ref
   st, c, ref, skey = acquire(self, skey, fn, fname, core.COUNT + core.DETACHED)
@@ -220,7 +221,7 @@ local function start(self, detached, fname, key, fn, ...)
       detach(f)
       gone(c, fl)
       error(sfmt("singleflight: start cannot spawn a light thread here: %s",
-                 tostring(is_panic(e) and e.value or e)), 2)
+                 tostring(is_panic(e) and e.value or e)), 3)
     end
   end
   return f
@@ -228,13 +229,15 @@ end
 
 --- g:start(key, fn, ...) -> a future.
 function M.start(self, key, fn, ...)
-  return start(self, false, "start", key, fn, ...)
+  local f = start(self, false, "start", key, fn, ...)
+  return f
 end
 
 --- g:start_detached(key, fn, ...) -> a future, whose leader runs where it
 -- does not hold the caller's request (OpenResty: a timer).
 function M.start_detached(self, key, fn, ...)
-  return start(self, true, "start_detached", key, fn, ...)
+  local f = start(self, true, "start_detached", key, fn, ...)
+  return f
 end
 
 --- start on a tiered group (set by singleflight.shm).
