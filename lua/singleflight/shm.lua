@@ -82,7 +82,9 @@ local DONE = 0
 -- RENEW, so a worker whose event loop stalls for LEASE - RENEW loses its
 -- leads. A watcher notices a dead leader's lock run out at once.
 local LEASE, RENEW = 0.9, 0.15
-local POLL_MIN, POLL_MAX = 0.001, 0.004 -- the poller's beat: see poll
+-- the poller's beat (see poll): from POLL_MIN to POLL_MAX, POLL_SHARE of
+-- the time nothing moved
+local POLL_MIN, POLL_MAX, POLL_SHARE = 0.001, 0.05, 0.02
 local CHECK = 0.25           -- a watcher looks for itself at least this often
 local STALE = 4 * CHECK      -- a watcher not back by then went away
 local WATCH_TTL = 3 * LEASE  -- a watchers' count, renewed by the leader
@@ -570,9 +572,10 @@ end
 -- The poller: one light thread per worker, while anybody watches. It
 -- reads the dict's change count (bumped by every leader that ends), and
 -- when it moved, wakes the watchers whose lock changed. It looks again
--- after POLL_MIN seconds, twice as long after each look that saw nothing
--- move, up to POLL_MAX: a watcher of a long call costs its worker a few
--- hundred looks a second, and an answer reaches it within POLL_MAX.
+-- after 2 % of the time since the count last moved or a watcher came
+-- (POLL_SHARE), at least POLL_MIN and at most POLL_MAX seconds: a call of
+-- 100 ms is answered within 2 ms of its end, and one of 10 s costs its
+-- watching workers some 40 looks a second, answered within 50 ms.
 -- A watcher also wakes by itself when its lock's lease would run out (a
 -- dead leader) and every CHECK seconds.
 
@@ -580,8 +583,15 @@ local new_sema
 local watchers, nwatchers, polling = {}, 0, false
 local seen = setmetatable({}, { __mode = "k" }) -- dict -> its last count
 
+local quiet_since = 0 -- when the count last moved, or a watcher came
+local poke, napping -- the poller's pause: a new watcher ends a long one
+
 local function poll()
-  local moved, pause = {}, POLL_MIN
+  local moved = {}
+  quiet_since = now()
+  if not poke then
+    poke = require("ngx.semaphore").new(0)
+  end
   while nwatchers > 0 do
     local at, any = now(), false
     for d in pairs(moved) do
@@ -605,11 +615,16 @@ local function poll()
       end
     end
     if any then
-      pause = POLL_MIN
-    elseif pause < POLL_MAX then
-      pause = pause * 2 < POLL_MAX and pause * 2 or POLL_MAX
+      quiet_since = at
     end
-    ngx_sleep(pause)
+    local pause = (at - quiet_since) * POLL_SHARE
+    if pause <= POLL_MIN then
+      ngx_sleep(POLL_MIN)
+    else
+      napping = true
+      poke:wait(pause > POLL_MAX and POLL_MAX or pause)
+      napping = false
+    end
   end
 end
 
@@ -623,6 +638,10 @@ end
 local function enlist_watcher(w)
   watchers[w] = true
   nwatchers = nwatchers + 1
+  quiet_since = now() -- a new call: look often again
+  if napping and poke:count() < 1 then
+    poke:post(1)
+  end
   if not polling then
     local ok, started = pcall(ngx.timer.at, 0, poller)
     polling = ok and started and true or false
