@@ -279,11 +279,39 @@ static int group_let_go(lua_State *L, int closed) {
   return 0;
 }
 
+/*
+ * joinable: the Lua layer's same-state duplicates meet in Lua, not here.
+ * For a group private to this state, the Lua layer registers the flight
+ * of a call that others wait on under the group's handle and the key
+ * (UV_JOINABLE), and later duplicates of that key in this state wait in
+ * it without crossing into C; the flight holds one joiner's reference on
+ * the call for all of them, given back once the call is done or gone. A
+ * forget of the key and the handle's close take the registration away
+ * here, so that later callers come here again.
+ */
+static void unregister(lua_State *L, int handle, int key) {
+  lua_pushvalue(L, handle);
+  if (key) {
+    lua_rawget(L, UV_JOINABLE);
+    if (lua_istable(L, -1)) {
+      lua_pushvalue(L, key);
+      lua_pushnil(L);
+      lua_rawset(L, -3); /* clearing a field never allocates */
+    }
+    lua_pop(L, 1);
+  } else {
+    lua_pushnil(L);
+    lua_rawset(L, UV_JOINABLE);
+  }
+}
+
 static int lsf__group_gc(lua_State *L) {
   return group_let_go(L, 0);
 }
 
 static int lsf__group_close(lua_State *L) {
+  if (test_group(L, 1))
+    unregister(L, 1, 0);
   return group_let_go(L, 1);
 }
 
@@ -312,8 +340,24 @@ static int lsf_forget(lua_State *L) {
   sf_group *g = check_group(L, 1, 1, "forget");
   size_t len;
   const char *key = check_key(L, 2, &len, 1, 1, "forget");
+  unregister(L, 1, 2);
   lua_pushboolean(L, sf_forget(g, key, len));
   return 1;
+}
+
+/* tally(g, calls, shared): same-state duplicates that met in the Lua
+ * layer, counted; nothing for a closed handle. Allocates nothing and never
+ * raises (it runs in finalizers). */
+static int lsf_tally(lua_State *L) {
+  lsf_group *ug = test_group(L, 1);
+  lua_Number calls = lua_tonumber(L, 2), shared = lua_tonumber(L, 3);
+  if (ug && ug->g) {
+    if (calls >= 1)
+      sf_count_n(ug->g, SF_STAT_CALLS, (uint64_t)calls);
+    if (shared >= 1)
+      sf_count_n(ug->g, SF_STAT_SHARED, (uint64_t)shared);
+  }
+  return 0;
 }
 
 static const char *const stat_names[SF_STAT_COUNT] = {
@@ -470,7 +514,7 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
   lsf_ctx *cx = lsf_ctx_of(L);
   lsf_guard *gd;
   sf_call *c = NULL;
-  int st, spare, top = lua_gettop(L);
+  int st, spare, joined = 0, top = lua_gettop(L);
 
   *nret = 0;
   if (!cx->spare_guard || !cx->spare_ref)
@@ -500,6 +544,7 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
     return SF_LEADER;
   case SF_JOINED:
     lsf_ref_join(L, c);
+    joined = 1;
     break;
   case SF_FOREIGN: {
     lsf_ref *ref = lsf_ref_take_spare(L);
@@ -527,6 +572,13 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
   lua_pushvalue(L, 2);
   push_options(L, 1, 1);
   *nret = 5;
+  if (joined && !sf_group_name(g, NULL)) {
+    /* the leader's guard, which the Lua layer's duplicates that meet in
+     * the call's flight tell apart from their own (a recursion comes
+     * here): a group private to this state only */
+    lua_rawgeti(L, UV_OWNERS, (lua_Integer)sf_call_owner(c));
+    *nret = 6;
+  }
   return st;
 }
 
@@ -1038,6 +1090,7 @@ static const luaL_Reg functions[] = {
   {"footprint", lsf_footprint},
   {"named", lsf_named},
   {"quote", lsf_quote},
+  {"tally", lsf_tally},
   {NULL, NULL}
 };
 
@@ -1137,6 +1190,18 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   slots[7] = lua_gettop(L);
   lua_newtable(L); /* tracked guards */
   slots[8] = lua_gettop(L);
+  lua_newtable(L); /* owners: guard id -> guard, weak values */
+  slots[9] = lua_gettop(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, slots[9]);
+  lua_newtable(L); /* joinable: handle -> {key -> flight}, weak keys */
+  slots[10] = lua_gettop(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, slots[10]);
 
   lua_pushliteral(L, GROUP_MT);
   lua_setfield(L, slots[2], "__name");
@@ -1165,6 +1230,8 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_setfield(L, module, "Guard");
   lua_pushvalue(L, slots[4]);
   lua_setfield(L, module, "Ref");
+  lua_pushvalue(L, slots[10]);
+  lua_setfield(L, module, "joinable");
   lua_pushliteral(L, LSF_VERSION);
   lua_setfield(L, module, "_VERSION");
   for (i = 0; acquire_flags[i].name; i++) {

@@ -49,7 +49,11 @@ enum {
 #define UV_CLOSED lua_upvalueindex(8) /* a guard's stand-in (see lsf.c) */
 #define UV_TRACKED lua_upvalueindex(9) /* guard -> true: see lsf_hold.c,
                                           anchors */
-#define LSF_NUPVALUES 9
+#define UV_OWNERS lua_upvalueindex(10) /* guard id -> guard, weak values */
+#define UV_JOINABLE lua_upvalueindex(11) /* handle -> {key -> the Lua
+                                            layer's flight}, weak keys:
+                                            see lsf.c, joinable */
+#define LSF_NUPVALUES 11
 
 /* Slots of the spares table. */
 enum { SPARE_GUARD = 1, SPARE_REF = 2 };

@@ -355,10 +355,13 @@ lsf_guard *lsf_guard_running(lua_State *L, lsf_ctx *cx) {
 }
 
 static int install_protected(lua_State *L) {
-  /* 1: the guard, 2: the guards table */
+  /* 1: the guard, 2: the guards table, 3: the owners table */
+  const lsf_guard *gd = (const lsf_guard *)lua_touserdata(L, 1);
   lua_pushthread(L);
   lua_pushvalue(L, 1);
   lua_rawset(L, 2);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, 3, (lua_Integer)gd->id);
   return 0;
 }
 
@@ -372,7 +375,8 @@ int lsf_guard_install(lua_State *L, lsf_guard *gd) {
   lua_pushcfunction(L, install_protected);
   lua_rawgeti(L, UV_SPARES, SPARE_GUARD);
   lua_pushvalue(L, UV_GUARDS);
-  if (lua_pcall(L, 2, 0, 0) != 0) {
+  lua_pushvalue(L, UV_OWNERS);
+  if (lua_pcall(L, 3, 0, 0) != 0) {
     lua_settop(L, top);
     return -1;
   }

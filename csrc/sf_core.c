@@ -715,6 +715,16 @@ void sf_set_owner(sf_call *c, uintptr_t owner) {
   shard_unlock(g, sh);
 }
 
+uintptr_t sf_call_owner(sf_call *c) {
+  sf_group *g = c->group;
+  sf_shard *sh = call_shard(c);
+  uintptr_t owner;
+  shard_lock(g, sh);
+  owner = c->owner;
+  shard_unlock(g, sh);
+  return owner;
+}
+
 int sf_expire(sf_call *c) {
   sf_group *g = c->group;
   sf_shard *sh = call_shard(c);
@@ -882,11 +892,15 @@ int sf_forget(sf_group *g, const char *key, size_t len) {
 }
 
 void sf_count(sf_group *g, int which) {
+  sf_count_n(g, which, 1);
+}
+
+void sf_count_n(sf_group *g, int which, uint64_t n) {
   sf_shard *sh = &g->shards[0];
   if (which < 0 || which >= SF_STAT_COUNT)
     return;
   shard_lock(g, sh);
-  stat_add(sh, which);
+  sh->stats[which] += n;
   shard_unlock(g, sh);
 }
 

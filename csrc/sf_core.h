@@ -131,6 +131,9 @@ double sf_age(sf_call *c);
 /* The leader's flow of control changes (a call started on behalf of a
  * light thread that now runs it): recursion is judged against `owner`. */
 void sf_set_owner(sf_call *c, uintptr_t owner);
+/* The leader's flow of control, as sf_acquire or sf_set_owner last gave
+ * it. */
+uintptr_t sf_call_owner(sf_call *c);
 /*
  * A call still running is taken from its key as if abandoned, though its
  * leader goes on: waiters are told SF_ABANDONED (and take over), later
@@ -192,6 +195,8 @@ int sf_forget(sf_group *g, const char *key, size_t len);
 /* Adds one to a counter (for events the core can't see, such as a
  * timed-out caller that runs the work itself). */
 void sf_count(sf_group *g, int which);
+/* Adds n to a counter (callers that a binding deduplicated on its own). */
+void sf_count_n(sf_group *g, int which, uint64_t n);
 void sf_stats_get(sf_group *g, sf_stats *st);
 
 /* Introspection for tests and the binding. */

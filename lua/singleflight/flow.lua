@@ -29,10 +29,12 @@ local error, next, pairs, pcall, rawget, select, setmetatable, tonumber, type =
 local sfmt = string.format
 
 local core_wait, state, unjoin, leave, release, expire, age, abandon,
-      abandon_call, leaders, calls, now, quote, core_count =
+      abandon_call, leaders, calls, now, quote, core_count, tally, joinable =
       core.wait, core.state, core.unjoin, core.leave, core.release,
       core.expire, core.age, core.abandon, core.abandon_call, core.leaders,
-      core.calls, core.now, core.quote, core.count
+      core.calls, core.now, core.quote, core.count, core.tally, core.joinable
+local _, guards = core.fast() -- coroutine -> its guard (weak keys)
+local c_stats = core.methods.stats
 local co_running, co_yield = coroutine.running, coroutine.yield
 local co_isyieldable = coroutine.isyieldable
 -- the status Lua itself keeps: OpenResty's coroutine.status reads the
@@ -91,12 +93,33 @@ local function flight(c)
   return fl
 end
 
+-- A flight registered for duplicates that meet in Lua (see M.call) whose
+-- call is done or gone: later callers of the key go to the core again,
+-- the duplicates that met here are counted, and the flight's reference on
+-- the call is given back. Runs in finalizers too: nothing here allocates.
+local function settle(fl)
+  local reg = fl.reg
+  if reg ~= nil then
+    fl.reg = nil
+    if reg[fl.key] == fl then
+      reg[fl.key] = nil
+    end
+    -- the calls not counted yet, each one that joined (as the core counts)
+    tally(fl.group, fl.extra, fl.extra)
+    fl.extra = 0
+    local stake = fl.stake
+    fl.stake = nil
+    release(stake)
+  end
+end
+
 -- The leader's result reaches the flight of c.
 local function deliver(c, ok, v, err, p, shared)
   local fl = flights[c]
   if fl then
     flights[c] = nil
     fl.done, fl.ok, fl.v, fl.err, fl.panic, fl.shared = true, ok, v, err, p, shared
+    settle(fl)
     wake_all(fl)
   end
 end
@@ -110,6 +133,7 @@ local function gone(c, fl)
       flights[c] = nil
     end
     fl.abandoned = true
+    settle(fl)
     wake_all(fl)
   end
 end
@@ -123,7 +147,7 @@ end
 -- A waiter leaves fl: the last one out takes it off the table.
 local function drop_waiter(c, fl)
   fl.n = fl.n - 1
-  if fl.n == 0 and flights[c] == fl then
+  if fl.n == 0 and flights[c] == fl and fl.reg == nil then -- (see settle)
     flights[c] = nil
   end
 end
@@ -150,6 +174,7 @@ core.Ref.__gc = function(ref)
   end
 end
 interpreted(wake_all)
+interpreted(settle)
 interpreted(gone)
 interpreted(gone_all)
 interpreted(core.Guard.__gc)
@@ -609,9 +634,64 @@ deeper than it need be: a flight that others wait on already (so a
 finalizer that abandoned the call has marked it), no timeout or max_age,
 a backend whose wait can't fail and that can wait here. The rest goes to
 join.
+
+Later duplicates of such a call, in a group private to this state, meet
+its flight in Lua without crossing into the core (joinable, see below and
+csrc/lsf.c): the core is crossed once per execution, not once per caller.
 ]]
-function M.call(self, key, fn, ...)
-  local st, a, b, c, d = enter(self, key, fn, ...)
+local IN_NGX = rawget(_G, "ngx") ~= nil
+local call
+-- flight -> its leader's guard, held weakly: the guard's finalizer is what
+-- sees a collected leader go
+local leader_of = setmetatable({}, { __mode = "kv" })
+
+function call(self, key, fn, ...)
+  local fl = joinable[self]
+  if fl ~= nil then
+    fl = fl[key]
+    -- a duplicate of a call its other duplicates wait on: it meets them
+    -- here, in Lua, unless it is that call's leader (a recursion goes to
+    -- the core, which refuses it) or it waits with another backend
+    if fl ~= nil and not (fl.done or fl.abandoned) and (not IN_NGX or sweeping)
+       and guards[co_running()] ~= leader_of[fl] then
+      local be = fl.be
+      local yields, st = be.yields and co_isyieldable
+      if fl.auto and backend_of(fl.opts) ~= be then
+        st = false
+      elseif yields then
+        st = co_isyieldable()
+      else
+        st = be.can_wait == nil or be.can_wait()
+      end
+      if st then
+        -- (not counted in fl.n: a registered flight stays in flights
+        -- until it is settled)
+        fl.extra = fl.extra + 1
+        if yields then
+          repeat
+            co_yield()
+          until fl.done or fl.abandoned
+        else
+          local counts = fl.counts
+          counts[be] = counts[be] + 1
+          local wait, obj = be.wait, fl.objs[be]
+          repeat
+            wait(obj)
+          until fl.done or fl.abandoned
+          counts[be] = counts[be] - 1
+        end
+        if fl.done then
+          if fl.ok then
+            return fl.v, fl.err, true
+          end
+          error(fl.panic, 0) -- the leader's own panic
+        end
+        -- gone: the first waiter back takes over, as any waiter would
+        return join(self, TAKE_OVER, fl.c, nil, fl.key, rerun, fl.opts, fn, ...)
+      end
+    end
+  end
+  local st, a, b, c, d, e = enter(self, key, fn, ...)
   if st == DONE and acquire_first then -- leads it: a is the call, c the key
     st, a, b, c, d = lead(self, a, c, fn, ...)
   end
@@ -621,9 +701,8 @@ function M.call(self, key, fn, ...)
     return after(self, key, fn, rerun, st, a, b, c, d, ...)
   end
   d = d or DEFAULTS
-  local fl, be = flights[a], d.be or backend_of(d)
-  if fl == nil or d.timeout or d.max_age or not be.never_fails
-     or fl.objs[be] == nil or (not sweeping and rawget(_G, "ngx") ~= nil) then
+  local be = d.be or backend_of(d)
+  if d.timeout or d.max_age or not be.never_fails or (not sweeping and IN_NGX) then
     return join(self, JOINED, a, b, c, rerun, d, fn, ...)
   end
   local yields = be.yields and co_isyieldable -- its wait: a bare yield
@@ -635,24 +714,66 @@ function M.call(self, key, fn, ...)
   if not st then
     return join(self, JOINED, a, b, c, rerun, d, fn, ...)
   end
+  fl = flights[a]
+  if fl == nil or fl.objs[be] == nil then
+    -- the call's first waiter here through be: its wait object, and a
+    -- look at whether a finalizer abandoned the call before there was a
+    -- flight to mark
+    local obj = true
+    if be.new then
+      local made
+      made, obj = pcall(be.new)
+      if not made then
+        return join(self, JOINED, a, b, c, rerun, d, fn, ...)
+      end
+    end
+    fl = fl or flight(a)
+    if fl.objs[be] == nil then
+      fl.objs[be], fl.counts[be] = obj, 0
+    end
+    if state(b) == "abandoned" then
+      gone(a, fl)
+    end
+  end
+  -- The later duplicates of a call of a group private to this state (e:
+  -- the leader's guard) meet in its flight, in Lua; this joiner's core
+  -- reference becomes the flight's, given back when the call is done or
+  -- gone (settle): while any of them waits, the leader hands the result
+  -- here.
+  local staked = false
+  if e ~= nil and fl.reg == nil and not fl.abandoned then
+    local reg = joinable[self]
+    if reg == nil then
+      reg = {}
+      joinable[self] = reg
+    end
+    reg[c] = fl
+    fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake, fl.extra =
+      reg, c, a, self, d, be, d.be == nil, b, 0
+    leader_of[fl] = e
+    e = nil -- luacheck: ignore 311 (this frame waits: it must not keep the guard alive)
+    staked = true
+  end
   -- counted in the flight, which stays in flights while n > 0; a bare
   -- yield's wake does nothing, and needs no count
   fl.n = fl.n + 1
   if yields then
-    repeat
+    while not (fl.done or fl.abandoned) do
       co_yield()
-    until fl.done or fl.abandoned
+    end
   else
     local counts = fl.counts
     counts[be] = counts[be] + 1
     local wait, obj = be.wait, fl.objs[be]
-    repeat
+    while not (fl.done or fl.abandoned) do
       wait(obj)
-    until fl.done or fl.abandoned
+    end
     counts[be] = counts[be] - 1
   end
   fl.n = fl.n - 1 -- done or gone took the flight off flights already
-  release(b)
+  if not staked then
+    release(b)
+  end
   if fl.done then
     if fl.ok then
       return fl.v, fl.err, true
@@ -661,6 +782,7 @@ function M.call(self, key, fn, ...)
   end
   return join(self, TAKE_OVER, a, nil, c, rerun, d, fn, ...)
 end
+M.call = call
 
 if rawget(_G, "jit") then
   -- LuaJIT compiles no classic C call, and fn is opaque to it: a leader
@@ -682,7 +804,7 @@ if rawget(_G, "jit") then
         };
       ]]
     end
-    local api, guards, GROUP = core.fast()
+    local api, _, GROUP = core.fast()
     api = ffi.cast("struct singleflight_fast_1 *", api)
     local fast_lead = api.lead
     local fast_finish = core.fast_finish
@@ -778,9 +900,9 @@ if rawget(_G, "jit") then
     M.lead_fast, M.lead_fast0 = lead_fast, lead_fast0
 
     function M.call(self, key, fn, ...)
-      local n = select("#", ...)
+      local n, reg = select("#", ...), joinable[self]
       if n > 2 or getmetatable(self) ~= GROUP or type(key) ~= "string"
-         or type(fn) ~= "function" then
+         or type(fn) ~= "function" or reg ~= nil and reg[key] ~= nil then
         return classic(self, key, fn, ...)
       elseif n == 0 then
         return lead_fast0(self, key, fn)
@@ -794,6 +916,21 @@ leader_frames[lead] = true
 if M.lead_fast then
   leader_frames[M.lead_fast] = true
   leader_frames[M.lead_fast0] = true
+end
+
+--- g:stats(): the core's counters, once the duplicates that met in Lua
+-- are counted there.
+function M.stats(self)
+  local reg = joinable[self]
+  if reg ~= nil then
+    for _, fl in next, reg do
+      if fl.extra > 0 then
+        tally(self, fl.extra, fl.extra)
+        fl.extra = 0
+      end
+    end
+  end
+  return c_stats(self)
 end
 
 --- g:call in this Lua state only, for a tier above it (shm): its fn is

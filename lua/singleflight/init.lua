@@ -40,6 +40,7 @@ local M = {
 local methods = core.methods
 methods.call = flow.call
 methods["do"] = flow.call
+methods.stats = flow.stats
 methods.start = future.start
 methods.start_detached = future.start_detached
 
