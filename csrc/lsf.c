@@ -345,6 +345,20 @@ static int lsf_forget(lua_State *L) {
   return 1;
 }
 
+/* current(g, key) -> the call in flight for key (a light userdata, only to
+ * be compared: see flow.lua, answer), or nil. */
+static int lsf_current(lua_State *L) {
+  sf_group *g = check_group(L, 1, 1, "current");
+  size_t len;
+  const char *key = check_key(L, 2, &len, 1, 1, "current");
+  sf_call *c = sf_find(g, key, len);
+  if (c)
+    lua_pushlightuserdata(L, c);
+  else
+    lua_pushnil(L);
+  return 1;
+}
+
 /* tally(g, calls, shared): same-state duplicates that met in the Lua
  * layer, counted; nothing for a closed handle. Allocates nothing and never
  * raises (it runs in finalizers). */
@@ -429,7 +443,9 @@ static int lsf_count(lua_State *L) {
  *               given when same-state waiters are to be told
  *     DONE_GONE 9, v, err, shared, call      the call had expired (max_age):
  *     PANICKED_GONE 10, value, traceback, call, key   the result is the
- *               leader's alone, and same-state waiters are to take over
+ *               leader's, and answers the waiters of the key's call now
+ *               in flight; same-state waiters of this one take over (the
+ *               call is given whether any is left or not)
  * Bad arguments (naming fname) and memory errors raise, having changed
  * nothing.
  */
@@ -747,11 +763,11 @@ static int lead_done(lua_State *L, int status) {
 #endif
   if (status == LUA_OK || status == LUA_YIELD) { /* v, err on top */
     finish_call(L, gd, c, 1, top - 1, top, &shared, &nlocal, &expired);
-    lua_pushinteger(L, !nlocal ? ST_DONE : expired ? ST_DONE_GONE : ST_DELIVER);
+    lua_pushinteger(L, expired ? ST_DONE_GONE : !nlocal ? ST_DONE : ST_DELIVER);
     lua_pushvalue(L, top - 1);
     lua_pushvalue(L, top);
     lua_pushboolean(L, shared);
-    if (!nlocal)
+    if (!nlocal && !expired)
       return 4;
     lua_pushlightuserdata(L, c);
     return 5;
@@ -768,7 +784,7 @@ static int lead_done(lua_State *L, int status) {
   lua_pushinteger(L, expired ? ST_PANICKED_GONE : ST_PANICKED);
   lua_pushvalue(L, top);
   lua_pushvalue(L, top + 1);
-  if (nlocal)
+  if (nlocal || expired)
     lua_pushlightuserdata(L, c);
   else
     lua_pushnil(L);
@@ -1091,6 +1107,7 @@ static const luaL_Reg functions[] = {
   {"named", lsf_named},
   {"quote", lsf_quote},
   {"tally", lsf_tally},
+  {"current", lsf_current},
   {NULL, NULL}
 };
 

@@ -760,7 +760,7 @@ static int call_finish(sf_call *c, int panicked, int alone, int *shared,
   shard_lock(g, sh);
   /* an expired call's foreign waiters were sent to its successor */
   foreign = c->expired ? 0 : c->foreign;
-  if (alone && (c->nlocal > 0 || foreign > 0)) {
+  if (alone && (c->nlocal > 0 || foreign > 0 || c->expired)) {
     shard_unlock(g, sh);
     return -1;
   }
@@ -889,6 +889,17 @@ int sf_forget(sf_group *g, const char *key, size_t len) {
   }
   shard_unlock(g, sh);
   return c != NULL;
+}
+
+sf_call *sf_find(sf_group *g, const char *key, size_t len) {
+  uint32_t hash = hash_bytes(key, len);
+  sf_shard *sh = shard_of(g, hash);
+  sf_call *c;
+
+  shard_lock(g, sh);
+  c = table_find(sh, hash, key, len);
+  shard_unlock(g, sh);
+  return c;
 }
 
 void sf_count(sf_group *g, int which) {

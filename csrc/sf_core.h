@@ -163,8 +163,9 @@ unsigned sf_finish_ex(sf_call *c, int panicked, int *shared, unsigned *nlocal,
 
 /* The leader's work is done and nobody waits for it, in any domain: the
  * same as sf_finish, which then returns 0 with *nlocal 0, and 0 is
- * returned here. If anyone waits, nothing is done and -1 is returned (the
- * leader goes on with sf_finish_ex). */
+ * returned here. If anyone waits, or the call expired (its leader's
+ * outcome may answer the waiters of its successor), nothing is done and
+ * -1 is returned (the leader goes on with sf_finish_ex). */
 int sf_finish_alone(sf_call *c, int panicked, int *shared);
 
 /* Hands the foreign waiters their payload (may be NULL), wakes them and
@@ -191,6 +192,10 @@ void sf_release_local(sf_call *c);
 /* Detaches the call for `key`, if any: later callers start a new one.
  * Returns 1 if a call was in flight. */
 int sf_forget(sf_group *g, const char *key, size_t len);
+
+/* The call in flight for `key`, or NULL. No reference is taken: the
+ * address may only be compared with those of calls the caller holds. */
+sf_call *sf_find(sf_group *g, const char *key, size_t len);
 
 /* Adds one to a counter (for events the core can't see, such as a
  * timed-out caller that runs the work itself). */

@@ -650,10 +650,18 @@ static void expire(void) {
   EQ(count_of(g, SF_STAT_ABANDONED), 1);
   EQ(inflight(g), 0);
   foreign_done(f, SF_ABANDONED, NULL);
+  CHECK(sf_find(g, "k", 1) == NULL);
   EQ(acq(g, "k", D_THIRD, O_1, 0, &n), SF_LEADER);
   CHECK(n != c);
+  /* the key's call now: the successor, which the old leader's outcome
+   * may answer (sf_find only points at it) */
+  CHECK(sf_find(g, "k", 1) == n);
   EQ(acq(g, "k", D_LEAD, O_2, SF_ACQ_JOIN_ONLY, &d), SF_FOREIGN);
   CHECK(d == n);
+  /* an expired call is never finished alone: its outcome has somewhere
+   * to go (the leader goes on with sf_finish_ex) */
+  EQ(sf_finish_alone(c, 0, &shared), -1);
+  EQ(sf_state(c), SF_ABANDONED);
   /* the old leader finishes: no foreign waiter to publish to (they went
    * to the successor); its own domain's joiner still waiting is reported,
    * to be told to take over; the new call stays */
@@ -762,9 +770,11 @@ static void owners(void) {
   unsigned nlocal;
 
   EQ(acq(g, "k", D_LEAD, O_1, 0, &c), SF_LEADER);
+  EQ(sf_call_owner(c), O_1);
   EQ(acq(g, "k", D_LEAD, O_1, 0, &d), SF_RECURSIVE);
   CHECK(d == c);
   sf_set_owner(c, O_2);
+  EQ(sf_call_owner(c), O_2);
   EQ(acq(g, "k", D_LEAD, O_2, 0, &d), SF_RECURSIVE);
   CHECK(d == c);
   EQ(acq(g, "k", D_LEAD, O_1, 0, &j), SF_JOINED); /* the old owner joins */
@@ -790,6 +800,12 @@ static void counters(void) {
   sf_count(g, SF_STAT_COUNT);
   for (k = 0; k < SF_STAT_COUNT; k++)
     EQ(count_of(g, k), 1);
+  /* n at once: the duplicates a binding deduplicated on its own */
+  sf_count_n(g, SF_STAT_CALLS, 41);
+  sf_count_n(g, SF_STAT_SHARED, 0);
+  sf_count_n(g, SF_STAT_COUNT, 5);
+  EQ(count_of(g, SF_STAT_CALLS), 42);
+  EQ(count_of(g, SF_STAT_SHARED), 1);
   EQ(inflight(g), 0);
   sf_group_release(g);
 }
@@ -1065,11 +1081,12 @@ static const struct {
     {"sf_finish reports shared, nlocal and foreign waiters", finish_results, ALL_KINDS},
     {"a payload is freed once, after the last release", payloads, ALL_KINDS},
     {"sf_abandon frees the key and tells foreign waiters", abandon, ALL_KINDS},
-    {"sf_expire hands the key on; the old finish reaches no one", expire, ALL_KINDS},
+    {"sf_expire hands the key on; sf_find points at the successor", expire, ALL_KINDS},
     {"a forgotten call's end leaves its successor in place", forget, ALL_KINDS},
     {"SF_WAIT_KEEP keeps a timed-out waiter joined", wait_keep, LOCKING_KINDS},
-    {"recursion is per owner; sf_set_owner moves it", owners, ALL_KINDS},
-    {"sf_count adds to each counter, ignores others", counters, ALL_KINDS},
+    {"recursion is per owner; sf_set_owner moves it, sf_call_owner says it", owners,
+     ALL_KINDS},
+    {"sf_count and sf_count_n add to each counter, ignore others", counters, ALL_KINDS},
     {"out of memory changes nothing", out_of_memory, ALL_KINDS},
     {"named groups: found by name, freed with the last handle and call",
      named_groups, 1u << K_NAMED},

@@ -136,6 +136,68 @@ describe("max_age", function()
     assert.same({}, s.errs)
   end)
 
+  -- regression: with fn longer than max_age, each take-over's result went
+  -- to its own caller only: a new execution every max_age, and waiters
+  -- answered later and later, without end
+  it("shorter than fn: the first execution to finish answers every caller still waiting",
+     function()
+    local s = helpers.scheduler()
+    local g = singleflight.new { backend = "coroutine", max_age = 0.04 }
+    local FN = 0.15 -- seconds each execution takes
+    local execs = 0
+    local function slow()
+      execs = execs + 1
+      local mine, t0 = execs, now()
+      while now() - t0 < FN do
+        coroutine.yield()
+      end
+      return "v" .. mine
+    end
+    local callers, led, started = {}, {}, now()
+    -- a caller every 10 ms for 0.3 s: twice as long as an execution
+    while now() - started < 0.3 do
+      local i = #callers + 1
+      callers[i] = s.go(function()
+        local t0 = now()
+        local v = g:call("k", function()
+          led[i] = true
+          return slow()
+        end)
+        return v, now() - t0, t0 - started
+      end)
+      local t = now()
+      rounds_until(s, function() return now() - t >= 0.01 end)
+    end
+    rounds_until(s, function()
+      for _, c in ipairs(callers) do
+        if not c.done then
+          return false
+        end
+      end
+      return true
+    end, 10)
+    assert.same({}, s.errs)
+    -- at most one take-over per max_age while an execution runs: the
+    -- first finishes after FN, and every caller waiting then gets its
+    -- result, so no caller waits much longer than FN
+    assert.is_true(execs <= 2 * math.ceil(0.3 / 0.04), execs .. " executions")
+    for i, c in ipairs(callers) do
+      assert.is_string(c.res[1], "caller " .. i)
+      assert.is_true(c.res[2] < FN + 0.1, ("caller %d waited %.3f s"):format(i, c.res[2]))
+    end
+    -- every caller that was waiting when the first execution ended, and
+    -- led none, got the first execution's result
+    local answered = 0
+    for i, c in ipairs(callers) do
+      if not led[i] and c.res[3] < FN - 0.02 then
+        assert.equal("v1", c.res[1], "caller " .. i)
+        answered = answered + 1
+      end
+    end
+    assert.is_true(answered >= 5, answered .. " callers answered by the first execution")
+    assert.equal(0, g:stats().inflight)
+  end)
+
   local threads = X.available and it or pending
   threads("works across Lua states: a waiter in another thread takes over", function()
     local name = X.name("maxage")

@@ -33,6 +33,7 @@ local core_wait, state, unjoin, leave, release, expire, age, abandon,
       core.wait, core.state, core.unjoin, core.leave, core.release,
       core.expire, core.age, core.abandon, core.abandon_call, core.leaders,
       core.calls, core.now, core.quote, core.count, core.tally, core.joinable
+local current = core.current
 local _, guards = core.fast() -- coroutine -> its guard (weak keys)
 local c_stats = core.methods.stats
 local co_running, co_yield = coroutine.running, coroutine.yield
@@ -284,6 +285,20 @@ local function panic_for(a, b, d)
   return new_panic(a, b, d)
 end
 
+-- An execution that outlived max_age (taken over meanwhile) finished
+-- first: its outcome answers the callers of this state still waiting on
+-- the key's execution now in flight, as nginx's proxy_cache_lock_age
+-- serves every waiter with the first response to arrive. That execution
+-- runs on, for its own caller, and for those who join it from now on.
+local function answer(self, key, ok, v, err, p)
+  if self ~= nil then
+    local found, c = pcall(current, self, key)
+    if found and c ~= nil and flights[c] ~= nil then
+      deliver(c, ok, v, err, p, true)
+    end
+  end
+end
+
 -- What a run that did not end in DONE left to do: st and a, b, c, d are
 -- its status and values (see runner.lua); retake is how a waiter of this
 -- call takes over.
@@ -297,18 +312,22 @@ local function after(self, key, fn, retake, st, a, b, c, d, ...)
       deliver(c, false, nil, nil, p)
     end
     error(p, 0)
-  elseif st == DONE_GONE then -- expired: the result is the leader's alone
+  elseif st == DONE_GONE then -- expired (v, err, shared, call)
     gone(d)
+    answer(self, key, true, a, b)
     return a, b, c
-  elseif st == PANICKED_GONE then
+  elseif st == PANICKED_GONE then -- (value, traceback, call, key)
     gone(c)
-    error(panic_for(a, b, d), 0)
+    local p = panic_for(a, b, d)
+    answer(self, key, false, nil, nil, p)
+    error(p, 0)
   elseif st == TIERED then
     return M.tiered(self, key, fn, ...)
   end
   return join(self, st, a, b, c, retake, d, fn, ...) -- call, holder, key, opts
 end
 M.after = after
+M.answer = answer
 
 -- A caller that gave up waiting and runs fn itself, unshared.
 local function run_unshared(self, skey, fn, ...)
@@ -815,17 +834,18 @@ if rawget(_G, "jit") then
     M.fast = { lead = fast_lead, finish = fast_finish, guards = guards }
 
     -- The rest of a fast lead that someone waits on, or whose fn raised:
-    -- settled's statuses need neither the handle nor fn (no take-over).
-    local function slow_end(key, sf_call, ok, v, err)
+    -- settled's statuses need no fn (no take-over); the handle, for an
+    -- expired call's answer.
+    local function slow_end(self, key, sf_call, ok, v, err)
       local c = call_at(sf_call)
       if not ok then
-        return after(nil, key, nil, rerun, settled(c, key, false, v))
+        return after(self, key, nil, rerun, settled(c, key, false, v))
       end
       local st, a, b, d, e = settled(c, key, true, v, err)
       if st == DONE then
         return a, b, d
       end
-      return after(nil, key, nil, rerun, st, a, b, d, e)
+      return after(self, key, nil, rerun, st, a, b, d, e)
     end
 
     local function main_guard()
@@ -869,7 +889,7 @@ if rawget(_G, "jit") then
           return x, y, shared == 1
         end
       end
-      return slow_end(key, sf_call, n, x, y)
+      return slow_end(self, key, sf_call, n, x, y)
     end
 
     -- The same for an fn without arguments (the most common: a closure),
@@ -895,7 +915,7 @@ if rawget(_G, "jit") then
           return v, err, gd == 1
         end
       end
-      return slow_end(key, sf_call, ok, v, err)
+      return slow_end(self, key, sf_call, ok, v, err)
     end
     M.lead_fast, M.lead_fast0 = lead_fast, lead_fast0
 

@@ -53,8 +53,10 @@ local function lead_adopted(f, lead_ref)
     deliver(c, false, nil, nil, new_panic(a, b, d))
   elseif st == DONE_GONE then
     gone(d)
+    flow.answer(f.group, f.key, true, a, b)
   elseif st == PANICKED_GONE then
     gone(c)
+    flow.answer(f.group, f.key, false, nil, nil, new_panic(a, b, d))
   end
 end
 

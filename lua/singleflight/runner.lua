@@ -46,8 +46,10 @@ M.running = co_running
 local function settled(c, key, ok, v, err)
   if ok then
     local shared, nlocal, expired = finish(c, true, v, err)
-    if nlocal > 0 then
-      return expired and DONE_GONE or DELIVER, v, err, shared, c
+    if expired then
+      return DONE_GONE, v, err, shared, c
+    elseif nlocal > 0 then
+      return DELIVER, v, err, shared, c
     end
     return DONE, v, err, shared
   end
@@ -58,7 +60,7 @@ local function settled(c, key, ok, v, err)
   end
   local _, nlocal, expired = finish(c, false, value, tb)
   return expired and PANICKED_GONE or PANICKED, value, tb,
-         nlocal > 0 and c or nil, key
+         (nlocal > 0 or expired) and c or nil, key
 end
 
 local protect
