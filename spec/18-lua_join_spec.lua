@@ -184,6 +184,43 @@ describe("same-state duplicates that meet in Lua", function()
     s.run()
   end)
 
+  -- regression: a duplicate that went to the core while the flight was
+  -- registered (here: the key as a number, which the registry does not
+  -- hold) kept the leader's guard in its frame as it waited: a collected
+  -- leader was never seen go
+  it("a leader collected away is seen, whichever way its duplicates joined", function()
+    local g = singleflight.new { backend = "coroutine" }
+    local s = helpers.scheduler()
+    local leader = coroutine.create(function()
+      return g:call("7", function()
+        coroutine.yield()
+        return "lost"
+      end)
+    end)
+    coroutine.resume(leader)
+    local runs = 0
+    local function mine()
+      runs = runs + 1
+      coroutine.yield()
+      return "taken over"
+    end
+    local dups = {
+      s.go(function() return g:call("7", mine) end), -- registers the flight
+      s.go(function() return g:call(7, mine) end), -- the core's way
+      s.go(function() return g:call("7", mine) end), -- meets it in Lua
+    }
+    s.round()
+    leader = nil -- luacheck: ignore 311
+    helpers.full_gc()
+    s.run(1000)
+    assert.same({}, s.errs)
+    assert.equal(1, runs)
+    for i = 1, 3 do
+      assert.equal("taken over", dups[i].res[1])
+    end
+    assert.equal(1, g:stats().abandoned)
+  end)
+
   it("a leader closed or collected away: one of them takes over, the rest share it",
      function()
     local g = singleflight.new { backend = "coroutine" }

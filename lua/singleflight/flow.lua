@@ -770,9 +770,9 @@ function call(self, key, fn, ...)
     fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake, fl.extra =
       reg, c, a, self, d, be, d.be == nil, b, 0
     leader_of[fl] = e
-    e = nil -- luacheck: ignore 311 (this frame waits: it must not keep the guard alive)
     staked = true
   end
+  e = nil -- luacheck: ignore 311 (this frame waits: it must not keep the guard alive)
   -- counted in the flight, which stays in flights while n > 0; a bare
   -- yield's wake does nothing, and needs no count
   fl.n = fl.n + 1
