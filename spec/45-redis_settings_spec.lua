@@ -32,6 +32,23 @@ describe("redis settings", function()
     { "pool_size zero", { pool_size = 0 }, "field 'pool_size': positive integer expected, got 0" },
     { "secret not a string", { secret = 42 }, "field 'secret': string expected, got 42" },
     { "secret empty", { secret = "" }, "field 'secret': non-empty string expected, got \"\"" },
+    { "username not a string", { username = 1, password = "p" },
+      "field 'username': string expected, got 1" },
+    { "username without password", { username = "alice" },
+      "field 'username' (an ACL user) goes with 'password'" },
+    { "username empty", { username = "", password = "p" },
+      "field 'username': non-empty string expected" },
+    { "ssl not a boolean", { ssl = "yes" }, "field 'ssl': boolean expected, got \"yes\"" },
+    { "ssl_verify not a boolean", { ssl = true, ssl_verify = 1 },
+      "field 'ssl_verify': boolean expected, got 1" },
+    { "ssl_verify without ssl", { ssl_verify = true },
+      "field 'ssl_verify' goes with 'ssl = true'" },
+    { "server_name without ssl", { server_name = "redis.example" },
+      "field 'server_name' goes with 'ssl = true'" },
+    { "server_name empty", { ssl = true, server_name = "" },
+      "field 'server_name': non-empty string expected" },
+    { "ssl over a unix socket", { ssl = true, path = "/run/redis.sock" },
+      "field 'ssl' goes with 'host' and 'port', not 'path'" },
   }
   for _, row in ipairs(bad) do
     local what, settings, msg = row[1], row[2], row[3]

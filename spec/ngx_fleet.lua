@@ -43,25 +43,29 @@ local function precise_now()
 end
 
 -- One fleet handle per worker and settings (?rport or ?rpath, ?prefix,
--- ?lease, ?password, ?timeout, ?db, ?secret), for the group ?group (a
+-- ?lease, ?password, ?timeout, ?db, ?secret, ?pool_size, ?username, ?ssl=1|0,
+-- ?server_name), for the group ?group (a
 -- named group's name; none: the groups of singleflight.new) over this
 -- instance's lua_shared_dict fleet_spec.
-local fleets = {}
+local fleets, prefixes = {}, {}
 
 local function fleet_of(args)
   local id = concat({ args.rport or "", args.rpath or "", args.prefix or "", args.lease or "",
                       args.password or "", args.timeout or "", args.db or "", args.secret or "",
-                      args.group or "" }, "|")
+                      args.group or "", args.pool_size or "", args.username or "",
+                      args.ssl or "", args.server_name or "" }, "|")
   local f = fleets[id]
   if not f then
     f = redis_tier.new({
       port = tonumber(args.rport), path = args.rpath, prefix = args.prefix,
       lease = tonumber(args.lease), password = args.password, timeout = tonumber(args.timeout),
-      db = tonumber(args.db), secret = args.secret,
+      db = tonumber(args.db), secret = args.secret, pool_size = tonumber(args.pool_size),
+      username = args.username, ssl = args.ssl and args.ssl == "1", server_name = args.server_name,
     }, { shm = "fleet_spec", group = args.group })
     fleets[id] = f
+    prefixes[f] = args.prefix or "singleflight:"
   end
-  return f, args.prefix or "singleflight:"
+  return f, prefixes[f]
 end
 
 -- This worker's counters, by prefix, kept in the shared dict for /stats.
@@ -69,6 +73,17 @@ local function publish_stats(f, prefix)
   local dict, pid = ngx.shared.fleet_spec, ngx.worker.pid()
   for k, v in pairs(f:stats()) do
     dict:set("st|" .. prefix .. "|" .. pid .. "|" .. k, v)
+  end
+end
+
+-- Every fleet's counters, published every 10 ms (the gauge `waiting`
+-- changes while a call waits).
+local function publish_all(premature)
+  if premature then
+    return
+  end
+  for f, prefix in pairs(prefixes) do
+    publish_stats(f, prefix)
   end
 end
 
@@ -114,19 +129,21 @@ end
 -- does and returns ?value. The group: singleflight.group(?group, o) if
 -- ?group is given, else singleflight.new(o), with ?wait as its timeout,
 -- ?on_timeout, and the Redis settings ?rport, ?prefix, ?lease (default 1),
--- ?secret.
+-- ?secret, ?pool_size.
 local singleflight = require "singleflight"
 local groups = {}
 
 local function group_of(args)
   local id = concat({ args.rport or "", args.prefix or "", args.group or "", args.wait or "",
-                      args.on_timeout or "", args.lease or "", args.secret or "" }, "|")
+                      args.on_timeout or "", args.lease or "", args.secret or "",
+                      args.pool_size or "" }, "|")
   local g = groups[id]
   if not g then
     local o = {
       shm = "fleet_group", timeout = tonumber(args.wait), on_timeout = args.on_timeout,
       redis = { port = tonumber(args.rport), prefix = args.prefix,
-                lease = tonumber(args.lease) or 1, secret = args.secret },
+                lease = tonumber(args.lease) or 1, secret = args.secret,
+                pool_size = tonumber(args.pool_size) },
     }
     if args.group then
       g = singleflight.group(args.group, o)
@@ -210,6 +227,7 @@ end
 --- A safety net: the instance ends itself after `secs`, should the spec
 -- run die before it stops nginx (a worker's own exit would be respawned).
 function app.init_worker(secs)
+  ngx.timer.every(0.01, publish_all)
   local master = require("ngx.process").get_master_pid()
   ngx.timer.at(secs, function()
     os.execute("kill -TERM " .. tonumber(master))

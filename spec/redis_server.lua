@@ -4,7 +4,9 @@
 -- redis(opts) runs Debian's redis-server on 127.0.0.1 and a free port, no
 -- persistence, from a directory of its own; opts.password sets requirepass,
 -- opts.unixsocket adds a unix socket (server.path), opts.config is a list of
--- more settings ({ "maxmemory 64mb", ... }).
+-- more settings ({ "maxmemory 64mb", ... }); opts.tls adds a TLS port
+-- (server.tls_port, a self-signed certificate for CN redis.test made by
+-- openssl) beside the plain one.
 -- It returns { port, command(...), command_in(db, ...), stop([how]), start(),
 -- freeze([false]), close() }: command sends one command over a plain socket and returns the
 -- reply (errors as { err = msg }); stop ends the server (SHUTDOWN NOSAVE, or
@@ -92,10 +94,6 @@ function M.find()
   local server = os.getenv("REDIS_SERVER") or "/usr/bin/redis-server"
   if not exists(server) then
     return nil, "redis-server is not installed (Debian's redis-server)"
-  end
-  if not (exists("/usr/share/lua/5.1/nginx/redis.lua")
-          or exists("/usr/share/lua/5.1/resty/redis.lua")) then
-    return nil, "lua-resty-redis is not installed (Debian's lua-nginx-redis)"
   end
   found.redis_server = server
   return found
@@ -191,6 +189,18 @@ function M.path(endpoint, q)
   return "/" .. endpoint .. "?" .. table.concat(parts, "&")
 end
 
+--- Opens `per` requests of `path` on each of `instances` at once (to be
+-- read with nginx_server's collect).
+function M.open_all(instances, per, path)
+  local conns = {}
+  for _ = 1, per do
+    for _, inst in ipairs(instances) do
+      conns[#conns + 1] = ns.open(inst.port, path)
+    end
+  end
+  return conns
+end
+
 ---------------------------------------------------------------------------
 -- redis-server
 
@@ -202,6 +212,18 @@ function M.redis(opts)
   end
   local dir = tempdir("redis")
   local server = { port = free_port(), dir = dir, password = opts.password }
+  if opts.tls then
+    local made, msg = sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1"
+                         .. " -nodes -days 2 -subj /CN=redis.test"
+                         .. " -keyout " .. quote(dir .. "/key.pem")
+                         .. " -out " .. quote(dir .. "/cert.pem"))
+    if not made then
+      sh("rm -rf " .. quote(dir))
+      return nil, "openssl could not make a certificate: " .. msg
+    end
+    assert(sh("chmod 0644 " .. quote(dir .. "/key.pem")))
+    server.tls_port = free_port()
+  end
   if opts.unixsocket then
     server.path = dir .. "/redis.sock"
     assert(sh("chmod 0755 " .. quote(dir)))
@@ -234,6 +256,12 @@ function M.redis(opts)
     }
     if opts.password then
       args[#args + 1] = "--requirepass " .. quote(opts.password)
+    end
+    if server.tls_port then
+      args[#args + 1] = "--tls-port " .. server.tls_port .. " --tls-auth-clients no"
+                        .. " --tls-cert-file " .. quote(dir .. "/cert.pem")
+                        .. " --tls-key-file " .. quote(dir .. "/key.pem")
+                        .. " --tls-ca-cert-file " .. quote(dir .. "/cert.pem")
     end
     for _, line in ipairs(opts.config or {}) do
       args[#args + 1] = "--" .. line

@@ -39,9 +39,11 @@
 -- bytes) and the bytes; an outcome whose MAC is wrong is refused.
 --
 -- A caller runs ACQUIRE: the lock is free, it leads; otherwise it
--- subscribes to the channel, then runs STEP (the result, or how long the
--- lease has left, or the lease run out: take over), then blocks reading the
--- subscription until its execution's outcome; each renewal's message moves
+-- subscribes to the channel (through the worker's listener: one subscribed
+-- connection per worker carries every channel the worker waits on), then
+-- runs STEP (the result, or how long the lease has left, or the lease run
+-- out: take over), then waits on the channel's messages until its
+-- execution's outcome; each renewal's message moves
 -- the waiter's deadline on, so only a leader gone silent for a whole lease
 -- makes it STEP again (and take over if the lease has run out). The leader
 -- ends with RELEASE: the result stored, published, its lease and (if still
@@ -57,6 +59,7 @@ local pcall, require, rawget, tonumber = pcall, require, rawget, tonumber
 local ceil, floor, huge, max, min = math.ceil, math.floor, math.huge, math.max, math.min
 local byte, find, format, gsub, ssub = string.byte, string.find, string.format, string.gsub,
                                        string.sub
+local concat = table.concat
 local open = io.open
 
 local M = {}
@@ -66,10 +69,10 @@ local M = {}
 M.RETRY = 1
 M.LOG_EVERY = 60
 
+-- Connects beyond pool_size that wait for a connection of the pool.
+local BACKLOG = 100000
 -- Milliseconds a waiter adds to the lease's time left before it checks.
 local MARGIN_MS = 10
--- Messages of other executions a waiter reads before it checks anyway.
-local MAX_FOREIGN = 1000
 -- Bytes of a MAC (HMAC-SHA1).
 local MAC_LEN = 20
 -- The first bytes of the messages "r..." and "a...".
@@ -83,6 +86,7 @@ local DEFAULTS = { prefix = "singleflight:", lease = 5, timeout = 0.5 }
 local FIELDS = {
   host = "string", path = "string", password = "string", prefix = "string", secret = "string",
   port = "port", db = "index", pool_size = "count", lease = "seconds", timeout = "seconds",
+  username = "string", ssl = "boolean", ssl_verify = "boolean", server_name = "string",
 }
 
 local function describe(v)
@@ -114,6 +118,8 @@ local function checked(settings, fname, level)
     local ok, want
     if kind == "string" then
       ok, want = type(v) == "string", "string"
+    elseif kind == "boolean" then
+      ok, want = type(v) == "boolean", "boolean"
     elseif kind == "port" then
       ok, want = is_integer(v) and v >= 1 and v <= 65535, "integer from 1 to 65535"
     elseif kind == "index" then
@@ -131,7 +137,18 @@ local function checked(settings, fname, level)
   if s.path and (s.host or s.port) then
     bad("field 'path' (a unix socket) goes without 'host' and 'port'")
   end
-  for _, k in pairs { "path", "host", "secret" } do
+  if s.username and not s.password then
+    bad("field 'username' (an ACL user) goes with 'password'")
+  end
+  for _, k in pairs { "ssl_verify", "server_name" } do
+    if s[k] ~= nil and not s.ssl then
+      bad(format("field '%s' goes with 'ssl = true'", k))
+    end
+  end
+  if s.ssl and s.path then
+    bad("field 'ssl' goes with 'host' and 'port', not 'path'")
+  end
+  for _, k in pairs { "path", "host", "secret", "username", "server_name" } do
     if s[k] == "" then
       bad(format("field '%s': non-empty string expected, got \"\"", k))
     end
@@ -237,27 +254,18 @@ local function hex(bin)
 end
 
 ---------------------------------------------------------------------------
--- The environment: ngx, the client, a token unique across the fleet
+-- The environment: ngx, a token unique across the fleet
 
-local ngx, client, semaphore
+local ngx, semaphore
 
 local function load_env()
-  if client then
+  if semaphore then
     return
   end
   ngx = rawget(_G, "ngx")
   if type(ngx) ~= "table" or not ngx.socket then
     error("singleflight: the 'redis' option needs OpenResty (nginx with ngx_lua)", 3)
   end
-  local ok, mod = pcall(require, "resty.redis")
-  if not ok then
-    ok, mod = pcall(require, "nginx.redis")
-  end
-  if not ok then
-    error("singleflight: the 'redis' option needs lua-resty-redis (resty.redis, or "
-          .. "nginx.redis from Debian's lua-nginx-redis)", 3)
-  end
-  client = mod
   semaphore = require "ngx.semaphore"
   for name, src in pairs(SCRIPTS) do
     SHA[name] = ngx.sha1_bin and hex(ngx.sha1_bin(src)) or false
@@ -309,10 +317,74 @@ local function new_token()
 end
 
 ---------------------------------------------------------------------------
--- Connections
+-- Connections: RESP over ngx_lua's cosockets, commands over the pool
 
 local fleet = {}
 fleet.__index = fleet
+
+-- A command in RESP: an array of bulk strings.
+local function command(args)
+  local parts = { "*" .. #args .. "\r\n" }
+  for i = 1, #args do
+    local a = tostring(args[i])
+    parts[#parts + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
+  end
+  return concat(parts)
+end
+
+-- One reply: a string, number or array (a nil reply: false); an error
+-- reply: false, its text; the connection failed: nil, why. A timeout
+-- before the reply's first byte is nil, "timeout"; inside it, the reply
+-- is lost: nil, "timeout inside a reply".
+local function read_reply(sock, inner)
+  local line, err = sock:receive("*l")
+  if not line then
+    return nil, inner and err == "timeout" and "timeout inside a reply" or err
+  end
+  local kind, rest = byte(line), ssub(line, 2)
+  if kind == 43 then -- +
+    return rest
+  elseif kind == 45 then -- -
+    return false, rest
+  elseif kind == 58 then -- :
+    return tonumber(rest)
+  elseif kind == 36 then -- $
+    local len = tonumber(rest)
+    if not len or len < 0 then
+      return false
+    end
+    local data
+    data, err = sock:receive(len + 2)
+    if not data then
+      return nil, err == "timeout" and "timeout inside a reply" or err
+    end
+    return ssub(data, 1, len)
+  elseif kind == 42 then -- *
+    local n = tonumber(rest)
+    if not n or n < 0 then
+      return false
+    end
+    local t = {}
+    for i = 1, n do
+      local v, e = read_reply(sock, true)
+      if v == nil then
+        return nil, e
+      end
+      t[i] = v -- an error inside an array (a script's) stays false
+    end
+    return t
+  end
+  return nil, "bad reply " .. format("%q", ssub(line, 1, 40))
+end
+
+-- Sends one command and reads its reply (as read_reply).
+local function ask(sock, ...)
+  local ok, err = sock:send(command { ... })
+  if not ok then
+    return nil, err
+  end
+  return read_reply(sock)
+end
 
 -- Servers whose eviction policy this worker asked about.
 local policy_asked = {}
@@ -321,10 +393,10 @@ local policy_asked = {}
 -- key of the protocol has an expiry, so any policy but noeviction, with a
 -- maxmemory, may drop a running call's lease, and another instance then
 -- runs the call again. A server that refuses CONFIG is left alone.
-local function ask_policy(self, red)
+local function ask_policy(self, sock)
   policy_asked[self.where] = true
   self.counts.commands = self.counts.commands + 1
-  local res = red:config("get", "maxmemory*")
+  local res = ask(sock, "CONFIG", "GET", "maxmemory*")
   if type(res) ~= "table" then
     return
   end
@@ -340,71 +412,91 @@ local function ask_policy(self, red)
   end
 end
 
--- A connection from the pool (authenticated and on the db) and whether it
--- was used before, or nil, why.
-local function connect(self)
-  local red, err = client:new()
-  if not red then
-    return nil, "socket: " .. tostring(err)
+-- A new connection's AUTH (and SELECT, unless `subscriber`): true, or nil, why.
+local function greet(self, sock, subscriber)
+  local ok, err
+  if self.password then
+    self.counts.commands = self.counts.commands + 1
+    if self.username then
+      ok, err = ask(sock, "AUTH", self.username, self.password)
+    else
+      ok, err = ask(sock, "AUTH", self.password)
+    end
+    if not ok then
+      return nil, "auth: " .. tostring(err)
+    end
   end
-  red:set_timeout(self.timeout_ms)
-  local ok
+  if self.db ~= 0 and not subscriber then
+    self.counts.commands = self.counts.commands + 1
+    ok, err = ask(sock, "SELECT", self.db)
+    if not ok then
+      return nil, "select: " .. tostring(err)
+    end
+  end
+  return true
+end
+
+-- A connection to the server, ready for commands (from the pool: at most
+-- pool_size of the worker's are open at a time, a caller beyond them waits
+-- its turn) or, `subscriber`, a new one for the listener; and whether it
+-- was used before; or nil, why.
+local function connect(self, subscriber)
+  local sock = ngx.socket.tcp()
+  sock:settimeout(self.timeout_ms)
+  local opts = subscriber and self.listen_opts or self.connect_opts
+  local ok, err
   if self.path then
-    ok, err = red:connect("unix:" .. self.path, self.connect_opts)
+    ok, err = sock:connect("unix:" .. self.path, opts)
   else
-    ok, err = red:connect(self.host, self.port, self.connect_opts)
+    ok, err = sock:connect(self.host, self.port, opts)
   end
   if not ok then
     return nil, "connect: " .. tostring(err)
   end
-  local reused = (red:get_reused_times() or 0) > 0
+  local reused = (sock:getreusedtimes() or 0) > 0
   if not reused then
-    if self.password then
-      self.counts.commands = self.counts.commands + 1
-      ok, err = red:auth(self.password)
+    if self.ssl then
+      ok, err = sock:sslhandshake(nil, self.server_name, self.ssl_verify)
       if not ok then
-        red:close()
-        return nil, "auth: " .. tostring(err)
+        sock:close()
+        return nil, "ssl: " .. tostring(err)
       end
     end
-    if self.db ~= 0 then
-      self.counts.commands = self.counts.commands + 1
-      ok, err = red:select(self.db)
-      if not ok then
-        red:close()
-        return nil, "select: " .. tostring(err)
-      end
+    ok, err = greet(self, sock, subscriber)
+    if not ok then
+      sock:close()
+      return nil, err
     end
-    if not policy_asked[self.where] then
-      ask_policy(self, red)
+    if not subscriber and not policy_asked[self.where] then
+      ask_policy(self, sock)
     end
   end
-  return red, nil, reused
+  return sock, nil, reused
 end
 
-local function keep(self, red)
-  if not red:set_keepalive(self.idle_ms, self.pool_size) then
-    red:close()
+local function keep(self, sock)
+  if not sock:setkeepalive(self.idle_ms) then
+    sock:close()
   end
 end
 
 -- Runs a script; the reply or nil, why (the connection then closed) and
 -- whether the connection failed (rather than Redis answering an error).
-local function run(self, red, name, nkeys, ...)
+local function run(self, sock, name, nkeys, ...)
   self.counts.commands = self.counts.commands + 1
   local res, err
   local sha = SHA[name]
   if sha then
-    res, err = red:evalsha(sha, nkeys, ...)
-    if not res and err and find(err, "NOSCRIPT", 1, true) then
+    res, err = ask(sock, "EVALSHA", sha, nkeys, ...)
+    if res == false and err and find(err, "NOSCRIPT", 1, true) then
       self.counts.commands = self.counts.commands + 1
-      res, err = red:eval(SCRIPTS[name], nkeys, ...)
+      res, err = ask(sock, "EVAL", SCRIPTS[name], nkeys, ...)
     end
   else
-    res, err = red:eval(SCRIPTS[name], nkeys, ...)
+    res, err = ask(sock, "EVAL", SCRIPTS[name], nkeys, ...)
   end
   if not res then
-    red:close()
+    sock:close()
     return nil, name .. ": " .. tostring(err), res == nil
   end
   return res
@@ -416,14 +508,14 @@ end
 -- gets one retry on a new one: the scripts may run twice.
 local function call(self, name, nkeys, ...)
   for attempt = 1, 2 do
-    local red, err, reused = connect(self)
-    if not red then
+    local sock, err, reused = connect(self)
+    if not sock then
       return nil, err, attempt > 1
     end
     local res, broken
-    res, err, broken = run(self, red, name, nkeys, ...)
+    res, err, broken = run(self, sock, name, nkeys, ...)
     if res then
-      keep(self, red)
+      keep(self, sock)
       return res
     end
     if attempt == 2 or not (reused and broken) or find(err, "timeout", 1, true) then
@@ -432,36 +524,326 @@ local function call(self, name, nkeys, ...)
   end
 end
 
--- A connection subscribed to `channel`, or nil, why.
-local function subscribe(self, channel)
-  local sub, err = connect(self)
-  if not sub then
-    return nil, err
-  end
-  self.counts.commands = self.counts.commands + 1
-  local ok
-  ok, err = sub:subscribe(channel)
-  if not ok then
-    sub:close()
-    return nil, "subscribe: " .. tostring(err)
-  end
-  return sub
+---------------------------------------------------------------------------
+-- The listener: each worker hears every channel it waits on through one
+-- subscribed connection per server
+--
+-- A caller joins a channel (join) and reads its events (next_event): the
+-- messages of the channel, in order, READY once the channel is subscribed
+-- (w.ready; only then may the caller look at Redis, so that no message
+-- after its look is missed), RESET when the connection broke and a new one
+-- is subscribing (w.ready false again: the caller looks again once READY),
+-- and { down = why } when no connection could be had (the caller falls
+-- back). It leaves (leave) when done. The listener is a timer of its own,
+-- started by the first join and ended when no channel has been wanted for
+-- LINGER seconds: a light thread reads the connection and hands each
+-- message to the channel's callers (an ngx.semaphore each); the timer's own
+-- thread sends SUBSCRIBE and UNSUBSCRIBE as channels are wanted and no
+-- longer wanted. A caller that went away without leaving (its request
+-- killed) is dropped once it is past its `due` time.
+
+-- Seconds the listener stays on with no channel wanted; seconds between
+-- two sweeps for callers gone without leaving; channels per SUBSCRIBE.
+local LINGER = 1
+local SWEEP = 5
+local BATCH = 200
+-- Seconds the listener reads at a time (a read that times out is logged
+-- by ngx_lua: it should seldom happen).
+local HEAR_FOR = 600
+-- A subscription not confirmed within this many `timeout`s fails.
+local SUBSCRIBE_TIMEOUTS = 3
+
+local READY, RESET, STOP = { "ready" }, { "reset" }, { "stop" }
+
+-- The listeners of this worker, by server and credentials.
+local hubs = {}
+
+local function post(w, ev)
+  local t = w.tail + 1
+  w.q[t], w.tail = ev, t
+  w.sema:post(1)
 end
 
--- Leaves the channel and puts the connection back, or closes it.
-local function leave(self, sub, channel)
-  sub:set_timeout(self.timeout_ms)
-  self.counts.commands = self.counts.commands + 1
-  local res = sub:unsubscribe(channel)
-  for _ = 1, MAX_FOREIGN do
-    if type(res) ~= "table" then
-      return sub:close()
-    elseif res[1] == "unsubscribe" then
-      return keep(self, sub)
-    end
-    res = sub:read_reply()
+-- The caller's next event, or nil after `secs` seconds without one.
+local function next_event(w, secs)
+  if w.head <= w.tail then
+    w.sema:wait(0) -- one count per event: there is one
+  elseif secs <= 0 or not w.sema:wait(secs) then
+    return nil
   end
-  sub:close()
+  local h = w.head
+  local ev = w.q[h]
+  w.q[h], w.head = nil, h + 1
+  return ev
+end
+
+local function poke(hub)
+  if not hub.poked then
+    hub.poked = true
+    hub.wake:post(1)
+  end
+end
+
+local function dirty(hub, channel)
+  hub.dirty[channel] = true
+  poke(hub)
+end
+
+-- Every caller of every channel gets `ev`; with `drop`, the channels are
+-- forgotten too (a listener that failed).
+local function tell_all(hub, ev, drop)
+  for channel, e in pairs(hub.channels) do
+    for w in pairs(e.waiters) do
+      if ev == RESET then
+        w.ready = false
+      end
+      post(w, ev)
+    end
+    if drop then
+      e.waiters, e.n = {}, 0
+      hub.channels[channel] = nil
+    else
+      e.state = "off"
+    end
+  end
+  if drop then
+    hub.nchan, hub.dirty = 0, {}
+  end
+end
+
+local function on_reply(hub, st, res)
+  local kind, channel = res[1], res[2]
+  local e = hub.channels[channel]
+  if kind == "message" or kind == "smessage" then
+    if e then
+      local m = res[3]
+      for w in pairs(e.waiters) do
+        post(w, m)
+      end
+    end
+  elseif kind == "subscribe" or kind == "ssubscribe" then
+    st.healthy = true
+    if e then
+      e.state = "on"
+      for w in pairs(e.waiters) do
+        if not w.ready then
+          w.ready = true
+          post(w, READY)
+        end
+      end
+      if e.n == 0 then
+        dirty(hub, channel)
+      end
+    end
+  elseif kind == "unsubscribe" or kind == "sunsubscribe" then
+    if e then
+      e.state = "off"
+      dirty(hub, channel)
+    end
+  end
+end
+
+-- The reader: until the connection fails (st.err).
+local function read_loop(hub, sock, st)
+  while true do
+    local res, err = read_reply(sock)
+    if type(res) == "table" then
+      on_reply(hub, st, res)
+    elseif res == false and err then
+      st.err = "subscription: " .. err
+      break
+    elseif res == nil and err ~= "timeout" then
+      st.err = "subscription: " .. tostring(err)
+      break
+    end
+  end
+  poke(hub)
+end
+
+-- Drops the callers past their due time; true if a subscription is still
+-- unconfirmed `stuck` seconds after it was asked for.
+local function sweep(hub, now, stuck)
+  local late = false
+  for _, e in pairs(hub.channels) do
+    for w in pairs(e.waiters) do
+      if w.due < now then
+        e.waiters[w], e.n = nil, e.n - 1
+        if e.n == 0 then
+          dirty(hub, w.channel)
+        end
+      end
+    end
+    if (e.state == "subscribing" or e.state == "leaving") and now - e.since > stuck then
+      late = true
+    end
+  end
+  return late
+end
+
+-- Sends SUBSCRIBE and UNSUBSCRIBE as the channels want: true, or nil, why.
+local function update(hub, sock, now)
+  local subs, unsubs = {}, {}
+  for channel in pairs(hub.dirty) do
+    local e = hub.channels[channel]
+    if e and e.n > 0 and e.state == "off" then
+      subs[#subs + 1], e.state, e.since = channel, "subscribing", now
+    elseif e and e.n == 0 and e.state == "on" then
+      unsubs[#unsubs + 1], e.state, e.since = channel, "leaving", now
+    elseif e and e.n == 0 and e.state == "off" then
+      hub.channels[channel], hub.nchan = nil, hub.nchan - 1
+    end
+  end
+  hub.dirty = {}
+  local conf = hub.conf
+  for verb, list in pairs { [conf.sub_verb] = subs, [conf.unsub_verb] = unsubs } do
+    for i = 1, #list, BATCH do
+      local args = { verb }
+      for j = i, min(i + BATCH - 1, #list) do
+        args[#args + 1] = list[j]
+      end
+      conf.counts.commands = conf.counts.commands + 1
+      local ok, err = sock:send(command(args))
+      if not ok then
+        return nil, "subscription: " .. tostring(err)
+      end
+    end
+  end
+  return true
+end
+
+-- One connection's life: "idle" (no channel wanted for LINGER seconds),
+-- or nil, why, and whether a subscription was confirmed on it.
+local function session(hub, sock)
+  local conf, st = hub.conf, {}
+  for channel, e in pairs(hub.channels) do
+    e.state = "off"
+    hub.dirty[channel] = true
+  end
+  sock:settimeouts(conf.timeout_ms, conf.timeout_ms, HEAR_FOR * 1000)
+  local reader = ngx.thread.spawn(read_loop, hub, sock, st)
+  local stuck = SUBSCRIBE_TIMEOUTS * conf.timeout_ms / 1000
+  local next_sweep, idle = clock() + SWEEP, false
+  while not st.err do
+    local ok, err = update(hub, sock, clock())
+    if not ok then
+      st.err = err
+      break
+    end
+    hub.poked = false
+    local lonely = hub.nchan == 0
+    if lonely and ngx.worker.exiting() then
+      idle = true
+      break
+    end
+    local posted = hub.wake:wait(lonely and LINGER or min(SWEEP, stuck))
+    local now = clock()
+    if not posted and lonely and hub.nchan == 0 then
+      idle = true
+      break
+    elseif now >= next_sweep or not posted then
+      next_sweep = now + SWEEP
+      if sweep(hub, now, stuck) then
+        st.err = "subscription: timeout"
+      end
+    end
+  end
+  ngx.thread.kill(reader)
+  sock:close()
+  if idle then
+    return "idle"
+  end
+  return nil, st.err, st.healthy
+end
+
+-- The listener's timer: reconnects after a connection that worked broke;
+-- a connection that cannot be had (or never confirmed a subscription)
+-- fails every caller.
+local function listener(premature, hub)
+  while hub.nchan > 0 do
+    local sock, err
+    if premature then
+      err = "nginx is exiting"
+    else
+      sock, err = connect(hub.conf, true)
+    end
+    if not sock then
+      tell_all(hub, { down = err }, true)
+      break
+    end
+    local idle, healthy
+    idle, err, healthy = session(hub, sock)
+    if idle then
+      break
+    elseif not healthy then
+      tell_all(hub, { down = err }, true)
+      break
+    end
+    tell_all(hub, RESET, false)
+  end
+  hub.running = false
+end
+
+-- Joins `channel`: a caller's handle for next_event, or nil, why.
+local function join(self, channel)
+  local hub = hubs[self.hub_id]
+  if not hub then
+    hub = { conf = self, channels = {}, nchan = 0, dirty = {}, wake = semaphore.new(),
+            poked = false, running = false }
+    hubs[self.hub_id] = hub
+  end
+  if not hub.running then
+    local ok, err = ngx.timer.at(0, listener, hub)
+    if not ok then
+      return nil, "listener: " .. tostring(err)
+    end
+    hub.running = true
+  end
+  local e = hub.channels[channel]
+  if not e then
+    e = { waiters = {}, n = 0, state = "off", since = 0 }
+    hub.channels[channel], hub.nchan = e, hub.nchan + 1
+  end
+  local w = { sema = semaphore.new(), q = {}, head = 1, tail = 0, hub = hub, entry = e,
+              channel = channel, ready = e.state == "on", due = huge }
+  e.waiters[w], e.n = true, e.n + 1
+  if not w.ready then
+    dirty(hub, channel)
+  end
+  return w
+end
+
+local function leave(w)
+  if w.counts then -- a waiter no longer
+    w.counts.waiting, w.counts = w.counts.waiting - 1, nil
+  end
+  local e = w.entry
+  if e.waiters[w] then
+    e.waiters[w], e.n = nil, e.n - 1
+    if e.n == 0 then
+      dirty(w.hub, w.channel)
+    end
+  end
+end
+
+-- Waits until w's channel is subscribed: true, or nil, why ("timeout":
+-- the caller's `deadline` came first).
+local function ready(self, w, deadline)
+  local by = clock() + SUBSCRIBE_TIMEOUTS * self.timeout_ms / 1000
+  while not w.ready do
+    local now = clock()
+    if deadline and now >= deadline then
+      return nil, "timeout"
+    elseif now >= by then
+      return nil, "subscribe: timeout"
+    end
+    local limit = deadline and deadline < by and deadline or by
+    w.due = limit + SWEEP
+    local ev = next_event(w, limit - now)
+    if type(ev) == "table" and ev.down then
+      return nil, ev.down
+    end
+  end
+  return true
 end
 
 ---------------------------------------------------------------------------
@@ -615,14 +997,11 @@ end
 ---------------------------------------------------------------------------
 -- Leading
 
--- Seconds the leader's listener reads at a time (a read that times out is
--- logged by ngx_lua: it should seldom happen).
-local HEAR_FOR = 600
-
 -- The leader's light threads. keep_lead renews the lease every
 -- renew_every while produce runs; hear_lead, when the caller wants to hear
--- of a forget, listens on the channel until the lead's own end is
--- published there.
+-- of a forget, listens on the channel (through the worker's listener)
+-- until the lead ends, and once its end was published, until it hears
+-- that end (so that a forget told before it is heard too).
 local function keep_lead(self, n, me, state)
   local lease_key = lease_of(n, me)
   while true do
@@ -641,45 +1020,46 @@ local function keep_lead(self, n, me, state)
   end
 end
 
-local function hear_lead(self, n, me, state, opts)
-  local sub = subscribe(self, n.channel)
-  if not sub then
-    state.hearing = false
-    return
-  end
-  sub:set_timeout(HEAR_FOR * 1000)
+local function hear_lead(self, me, state, opts)
+  local w = state.hear
   local forget_msg = "f" .. me .. "\n"
   local tail = me .. "\n"
-  while not state.stop do
-    local res, err = sub:read_reply()
-    if res then
-      local m = res[1] == "message" and res[2] == n.channel and res[3]
-      if m == forget_msg then
-        forgotten(opts)
-      elseif m and ssub(m, 2, #tail + 1) == tail and (byte(m) == R or byte(m) == A) then
-        break -- the lead's end
-      end
-    elseif err ~= "timeout" then
-      sub:close()
-      state.hearing = false
-      return
+  while true do
+    local now = clock()
+    local limit = state.told_by or now + self.lease_ms / 1000
+    if limit <= now then
+      break
+    end
+    w.due = limit + self.grace
+    local ev = next_event(w, limit - now)
+    if ev == STOP or (type(ev) == "table" and ev.down) then
+      break
+    elseif ev == forget_msg then
+      forgotten(opts)
+    elseif type(ev) == "string" and ssub(ev, 2, #tail + 1) == tail
+           and (byte(ev) == R or byte(ev) == A) then
+      break -- the lead's end
     end
   end
-  state.hearing = false
-  leave(self, sub, n.channel)
+  leave(w)
 end
 
--- Ends the leader's threads: its end's message (`told`: it was published)
--- ends the listener; without it, the listener is killed.
-local function stop_lead(state, keeper, hearer, told)
+-- Ends the leader's threads: when its end was published (`told`) on a
+-- subscription that was confirmed, the listener waits for that message a
+-- `timeout` at most; otherwise it stops at once.
+local function stop_lead(self, state, keeper, hearer, told)
   state.stop = true
   state.sema:post(1)
   if keeper then
     ngx.thread.wait(keeper)
   end
-  if hearer and state.hearing and not told then
-    ngx.thread.kill(hearer)
-  elseif hearer then
+  if hearer then
+    if told and state.hear.ready then
+      state.told_by = clock() + self.timeout_ms / 1000
+      post(state.hear, RESET) -- wakes it to see told_by (RESET means nothing to it)
+    else
+      post(state.hear, STOP)
+    end
     ngx.thread.wait(hearer)
   end
 end
@@ -687,15 +1067,19 @@ end
 local function lead(self, n, me, produce, opts)
   local c = self.counts
   c.led = c.led + 1
-  local state = { sema = semaphore.new(), stop = false, hearing = false }
+  local state = { sema = semaphore.new(), stop = false }
   local spawned, keeper = pcall(ngx.thread.spawn, keep_lead, self, n, me, state)
   keeper = spawned and keeper or nil
   local hearer
   if opts.forgotten then
-    state.hearing = true
-    spawned, hearer = pcall(ngx.thread.spawn, hear_lead, self, n, me, state, opts)
-    hearer = spawned and hearer or nil
-    state.hearing = hearer ~= nil and state.hearing
+    state.hear = join(self, n.channel)
+    if state.hear then
+      spawned, hearer = pcall(ngx.thread.spawn, hear_lead, self, me, state, opts)
+      hearer = spawned and hearer or nil
+      if not hearer then
+        leave(state.hear)
+      end
+    end
   end
   local ok, bytes = pcall(produce)
   state.stop = true
@@ -703,7 +1087,7 @@ local function lead(self, n, me, produce, opts)
     c.abandoned = c.abandoned + 1
     local res, err, sent = call(self, "abandon", 3, n.lock, lease_of(n, me), n.joined, me,
                                 n.channel)
-    stop_lead(state, keeper, hearer, res ~= nil)
+    stop_lead(self, state, keeper, hearer, res ~= nil)
     if not res then
       note(self, err)
       if sent then
@@ -713,13 +1097,13 @@ local function lead(self, n, me, produce, opts)
     error(bytes, 0)
   end
   if type(bytes) ~= "string" then
-    stop_lead(state, keeper, hearer, false)
+    stop_lead(self, state, keeper, hearer, false)
     error("singleflight.redis: produce returned " .. type(bytes) .. ", not the encoded outcome",
           2)
   end
   local res, err, sent = call(self, "release", 4, n.lock, lease_of(n, me), result_of(n, me),
                               n.joined, me, seal(self, n, me, bytes), self.result_ms, n.channel)
-  stop_lead(state, keeper, hearer, res ~= nil)
+  stop_lead(self, state, keeper, hearer, res ~= nil)
   if not res then
     note(self, err)
     if sent then -- it may run later: a lock then left behind is given up
@@ -733,39 +1117,33 @@ end
 ---------------------------------------------------------------------------
 -- Waiting
 
--- Reads the subscription until `token`'s outcome, `lease_end` (which each
--- renewal of its lease moves on) or `deadline` (the caller's): "r", bytes
--- | "a" (its leader gave up) | "check" (time to look at the lease) |
+-- Reads the channel's events until `token`'s outcome, `lease_end` (which
+-- each renewal of its lease moves on) or `deadline` (the caller's): "r",
+-- bytes | "a" (its leader gave up) | "check" (time to look at the lease) |
+-- "reset" (the listener's connection broke: look again once subscribed) |
 -- "timeout" | nil, why.
-local function listen(self, sub, n, token, lease_end, deadline, opts)
-  local channel = n.channel
-  for _ = 1, MAX_FOREIGN do
+local function listen(self, w, n, token, lease_end, deadline, opts)
+  while true do
     local now = clock()
     if deadline and now >= deadline then
       return "timeout"
     end
-    local ms = ceil(((deadline and deadline < lease_end and deadline or lease_end) - now) * 1000)
-    if ms <= 0 then
+    local limit = deadline and deadline < lease_end and deadline or lease_end
+    if limit <= now then
       return "check"
     end
-    sub:set_timeout(ms)
-    local res, err = sub:read_reply()
-    if not res then
-      if err == "timeout" then
-        if deadline and clock() >= deadline then
-          return "timeout"
-        end
-        return "check"
-      end
-      return nil, "subscription: " .. tostring(err)
-    end
-    if res[1] == "message" and res[2] == channel then
-      local m = res[3]
-      local nl = find(m, "\n", 2, true)
-      if nl and ssub(m, 2, nl - 1) == token then
-        local kind = ssub(m, 1, 1)
+    w.due = limit + self.grace
+    local ev = next_event(w, limit - now)
+    if ev == RESET then
+      return "reset"
+    elseif type(ev) == "table" and ev.down then
+      return nil, ev.down
+    elseif type(ev) == "string" then
+      local nl = find(ev, "\n", 2, true)
+      if nl and ssub(ev, 2, nl - 1) == token then
+        local kind = ssub(ev, 1, 1)
         if kind == "r" then
-          local bytes = unseal(self, n, token, ssub(m, nl + 1))
+          local bytes = unseal(self, n, token, ssub(ev, nl + 1))
           if bytes then
             return "r", bytes
           end
@@ -780,7 +1158,6 @@ local function listen(self, sub, n, token, lease_end, deadline, opts)
       end
     end
   end
-  return "check"
 end
 
 local function timed_out(self)
@@ -788,29 +1165,49 @@ local function timed_out(self)
   return nil, "timeout", false
 end
 
+-- The channel subscribed, or the wait given up: timed out, or `produce`
+-- run here.
+local function subscribed(self, w, produce, deadline)
+  local ok, err = ready(self, w, deadline)
+  if ok then
+    return true
+  end
+  leave(w)
+  if err == "timeout" then
+    return false, timed_out(self)
+  end
+  return false, fail(self, err, produce)
+end
+
 local function wait(self, n, me, token, produce, opts, deadline)
   local c = self.counts
   if deadline and clock() >= deadline then
     return timed_out(self)
   end
-  local sub, err = subscribe(self, n.channel)
-  if not sub then
+  local w, err = join(self, n.channel)
+  if not w then
     return fail(self, err, produce)
   end
+  local on, bytes, how, shared = subscribed(self, w, produce, deadline)
+  if not on then
+    return bytes, how, shared
+  end
+  w.counts, c.waiting = c, c.waiting + 1
   -- subscribed before this first step: no message can be missed
   while true do
     local res, sent
+    w.due = clock() + self.grace
     res, err, sent = call(self, "step", 5, n.lock, lease_of(n, token), result_of(n, token),
                           lease_of(n, me), n.joined, token, me, self.lease_ms)
     if not res then
-      sub:close()
+      leave(w)
       if sent then
         orphan(self, n, me)
       end
       return fail(self, err, produce)
     elseif res[1] == 2 then
-      leave(self, sub, n.channel)
-      local bytes = unseal(self, n, token, res[2])
+      leave(w)
+      bytes = unseal(self, n, token, res[2])
       if not bytes then -- as if its leader went away without a trace: here, then
         refused(self)
         return fallback(self, produce)
@@ -818,7 +1215,7 @@ local function wait(self, n, me, token, produce, opts, deadline)
       c.waited = c.waited + 1
       return bytes, "waited", true
     elseif res[1] == 1 then
-      leave(self, sub, n.channel)
+      leave(w)
       c.takeovers = c.takeovers + 1
       return lead(self, n, me, produce, opts)
     end
@@ -830,20 +1227,26 @@ local function wait(self, n, me, token, produce, opts, deadline)
     if type(ttl) ~= "number" or ttl < 0 then
       ttl = self.lease_ms
     end
-    local kind, bytes = listen(self, sub, n, token, clock() + (ttl + MARGIN_MS) / 1000, deadline,
-                               opts)
+    local kind
+    kind, bytes = listen(self, w, n, token, clock() + (ttl + MARGIN_MS) / 1000, deadline, opts)
     if kind == "r" then
-      leave(self, sub, n.channel)
+      leave(w)
       c.waited = c.waited + 1
       return bytes, "waited", true
     elseif kind == "timeout" then
-      leave(self, sub, n.channel)
+      leave(w)
       return timed_out(self)
+    elseif kind == "reset" then
+      on, bytes, how, shared = subscribed(self, w, produce, deadline)
+      if not on then
+        return bytes, how, shared
+      end
     elseif not kind then
-      sub:close()
+      leave(w)
       return fail(self, bytes, produce)
     end
-    -- "check" (the lease's time is up) or "a" (the leader gave up): step
+    -- "check" (the lease's time is up), "a" (the leader gave up) or
+    -- "reset" (subscribed anew): step
   end
 end
 
@@ -866,25 +1269,35 @@ function M.new(settings, space)
   end
   local self = setmetatable({
     host = s.host, port = s.port, path = s.path, password = s.password, db = s.db,
-    secret = s.secret, pool_size = s.pool_size,
+    secret = s.secret, pool_size = s.pool_size, username = s.username,
+    ssl = s.ssl, ssl_verify = s.ssl_verify or false, server_name = s.server_name,
     head = escaped(s.prefix) .. "{" .. escaped(space.shm) .. "|"
            .. (space.group and "=" .. escaped(space.group) or "-") .. "|",
     lease_ms = ceil(s.lease * 1000), timeout_ms = ceil(s.timeout * 1000),
     renew_every = s.lease / 3,
     result_ms = ceil(max(s.lease, 2 * s.timeout, 2) * 1000),
+    -- how long a waiter may go without looking at its events: a step (a
+    -- retry included) and then some
+    grace = SWEEP + 3 * s.timeout,
+    sub_verb = "SUBSCRIBE", unsub_verb = "UNSUBSCRIBE",
     idle_ms = 60000,
     where = s.path and ("unix:" .. s.path) or (s.host .. ":" .. s.port),
     down_until = 0, next_log = 0, unlogged = 0, next_refused_log = 0, orphans = {},
     cleaning = false,
     counts = {
       led = 0, waited = 0, fallbacks = 0, takeovers = 0, abandoned = 0, lost = 0,
-      errors = 0, commands = 0, timeouts = 0, refused = 0,
+      errors = 0, commands = 0, timeouts = 0, refused = 0, waiting = 0,
     },
   }, fleet)
-  self.connect_opts = {
-    pool = "singleflight.redis:" .. self.where .. ":" .. s.db .. ":"
-           .. (s.password and ngx.md5(s.password) or ""),
-  }
+  -- a pool per server and credentials, at most pool_size connections open
+  -- (default: lua_socket_pool_size), the callers beyond them queued
+  local id = "singleflight.redis:" .. self.where .. ":" .. s.db .. ":"
+             .. (s.password and ngx.md5((s.username or "") .. "\0" .. s.password) or "")
+             .. (s.ssl and ":ssl:" .. tostring(s.ssl_verify) .. ":" .. (s.server_name or "")
+                 or "")
+  self.connect_opts = { pool = id, pool_size = s.pool_size, backlog = BACKLOG }
+  self.listen_opts = { pool = id .. ":listener" }
+  self.hub_id = id
   return self
 end
 
@@ -952,7 +1365,8 @@ function fleet:forget(key)
   return res == 1
 end
 
---- This worker's counters, in a fresh table.
+--- This worker's counters, in a fresh table (and `waiting`: its calls
+-- waiting on another instance now).
 function fleet:stats()
   local t = {}
   for k, v in pairs(self.counts) do
