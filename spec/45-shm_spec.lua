@@ -3,6 +3,7 @@
 -- ngx_shm_app.lua; shm_server.lua starts it.
 local shm = require "shm_server"
 local ns = shm.ns
+local socket = require "socket"
 local times, tally, distinct = shm.times, shm.tally, shm.distinct
 
 describe("the shm option outside OpenResty", function()
@@ -37,12 +38,7 @@ describe("shm across four nginx workers", function()
   end)
 
   teardown(function()
-    if server then
-      local trouble = shm.trouble(shm.stop(server))
-      if #trouble > 0 then
-        print("\nnginx error log:\n" .. table.concat(trouble, "\n"))
-      end
-    end
+    shm.stop_reporting(server)
   end)
 
   it("runs four workers", function()
@@ -50,6 +46,7 @@ describe("shm across four nginx workers", function()
   end)
 
   it("200 concurrent requests over the workers run fn once and share its value", function()
+    local before = shm.counters(port, "stampede")
     local answers = ns.batch(port, times(200, "/shm/stampede?key=s1&n=200"), 30)
     for _, a in ipairs(answers) do
       assert.equal(200, a.status)
@@ -72,17 +69,21 @@ describe("shm across four nginx workers", function()
       worst = math.max(worst, tonumber(a.fields.gap_ms))
     end
     assert.is_true(worst < 500, "a waiter came back " .. worst .. " ms after the leader")
-    local st = shm.stats(port, "stampede")
-    assert.equal(#pids, st.workers)
-    assert.equal(200, st.calls)
-    assert.equal(1, st.executions)
-    assert.equal(1, st.leads)
-    assert.equal(#pids - 1, st.waits) -- one watcher per other worker
-    assert.equal(199, st.shared)
-    assert.equal(0, st.inflight)
-    assert.equal(0, st.panics)
-    assert.equal(0, st.fallbacks)
-    assert.equal(0, st.takeovers)
+    -- g:stats() counts for the whole instance, in every worker alike
+    local everywhere = shm.counters_everywhere(port, "stampede", #pids)
+    assert.equal(#pids, #everywhere)
+    for _, after in ipairs(everywhere) do
+      local st = shm.delta(after, before)
+      assert.equal(200, st.calls)
+      assert.equal(1, st.executions)
+      assert.equal(1, st.leads)
+      assert.equal(#pids - 1, st.waits) -- one watcher per other worker
+      assert.equal(199, st.shared)
+      assert.equal(0, st.panics)
+      assert.equal(0, st.fallbacks)
+      assert.equal(0, st.takeovers)
+      assert.equal(0, after.inflight)
+    end
     -- nothing of it is left in the dict: locks, watchers' counts, results
     assert.equal(0, shm.entries(port, "l"))
     assert.equal(0, shm.entries(port, "w"))
@@ -97,6 +98,7 @@ describe("shm across four nginx workers", function()
   end)
 
   it("a table raised by the leader reaches every worker as a panic", function()
+    local before = shm.counters(port, "panic")
     local answers = ns.batch(port, times(40, "/shm/panic?key=p1&n=40"), 30)
     local leader = shm.book(port, "leader:panicp1")
     for _, a in ipairs(answers) do
@@ -127,9 +129,10 @@ describe("shm across four nginx workers", function()
     end
     assert.equal("1", shm.book(port, "exec:panicp1"))
     assert.is_truthy(leader)
-    local st = shm.stats(port, "panic")
+    local st = shm.delta(shm.counters(port, "panic"), before)
     assert.equal(1, st.executions)
     assert.equal(1, st.panics)
+    assert.equal(40, st.calls)
   end)
 
   it("a raised value that cannot cross reaches the other workers as its text", function()
@@ -253,6 +256,34 @@ describe("shm across four nginx workers", function()
     assert.equal("2", shm.book(port, "exec:ageda1"))
   end)
 
+  -- regression: with fn longer than max_age, each take-over's result went
+  -- to its own caller only: a new execution every max_age, and waiters
+  -- answered later and later for as long as callers came
+  it("max_age shorter than fn: the first execution to finish answers every caller waiting",
+     function()
+    local conns = {}
+    for i = 1, 16 do -- a caller every 0.1 s for 1.6 s; fn takes 1 s
+      conns[i] = ns.open(port, "/shm/aged?key=a2&all=1&hold=1")
+      socket.sleep(0.1)
+    end
+    local answers = ns.collect(conns, 30)
+    local first = 0
+    for i, a in ipairs(answers) do
+      assert.is_nil(a.timed_out, "caller " .. i)
+      assert.equal(200, a.status)
+      -- max_age is 0.3 s, fn 1 s: nobody waits much longer than one fn
+      assert.is_true(tonumber(a.fields.took) < 1.6,
+                     ("caller %d waited %s s"):format(i, a.fields.took))
+      if a.fields.value == "exec 1" and a.fields.led == "false" then
+        first = first + 1
+      end
+    end
+    -- the callers of the first 0.7 s that led nothing got the first result
+    assert.is_true(first >= 4, first .. " callers answered by the first execution")
+    local execs = tonumber(shm.book(port, "exec:ageda2"))
+    assert.is_true(execs <= 8, execs .. " executions")
+  end)
+
   it("forget reaches every worker; waiters of the forgotten call still get its result",
      function()
     local first = {}
@@ -275,6 +306,7 @@ describe("shm across four nginx workers", function()
   end)
 
   it("timeout applies to waiters in every worker; on_timeout = 'run' runs fn there", function()
+    local before = shm.counters(port, "short")
     local first = ns.open(port, "/shm/short?key=t1")
     shm.eventually(function()
       return shm.book(port, "exec:shortt1") ~= nil
@@ -287,7 +319,7 @@ describe("shm across four nginx workers", function()
       assert.is_true(ms >= 150 and ms < 950, "waited " .. ms .. " ms")
     end
     assert.matches("^exec 1 by", ns.collect({ first }, 10)[1].fields.value)
-    assert.equal(20, shm.stats(port, "short").timeouts)
+    assert.equal(20, shm.delta(shm.counters(port, "short"), before).timeouts)
 
     first = ns.open(port, "/shm/short?key=t2&run=1")
     shm.eventually(function()
@@ -323,17 +355,21 @@ describe("shm across four nginx workers", function()
   end)
 
   it("g:start and f:wait work across workers", function()
+    local before = shm.counters(port, "start")
     local answers = ns.batch(port, times(40, "/shm/start?key=st1&n=40"), 30)
     assert.same({ ["1"] = 40 }, tally(answers, "exec"))
     assert.same({ ["true"] = 40 }, tally(answers, "ready"))
     assert.same({ ["true"] = 40 }, tally(answers, "tostring"))
-    assert.equal(1, shm.stats(port, "start").executions)
+    assert.equal(1, shm.delta(shm.counters(port, "start"), before).executions)
   end)
 
   it("a named group over the dict", function()
     local answers = ns.batch(port, times(40, "/shm/named?key=n1&n=40"), 30)
     assert.same({ ["1"] = 40 }, tally(answers, "exec"))
-    assert.equal(1, shm.stats(port, "named").executions)
+    -- its counters are its own (the groups made with new count apart)
+    local st = shm.counters(port, "named")
+    assert.equal(1, st.executions)
+    assert.equal(40, st.calls)
   end)
 
   it("a phase that cannot wait gets an error naming the key and the phase", function()
@@ -371,8 +407,10 @@ describe("shm across four nginx workers", function()
       assert.equal(a.fields.pid, a.fields.leader) -- its own worker's execution
     end
     local pids = distinct(answers, "pid")
-    local st = shm.stats(port, "tiny")
+    -- counted for the instance all the same: the counters were made at new
+    local st = shm.counters(port, "tiny")
     assert.equal(#pids, st.executions)
+    assert.equal(40, st.calls)
     assert.is_true(st.fallbacks >= #pids)
     local function logged()
       local n = 0

@@ -22,22 +22,18 @@ describe("shm across two nginx workers", function()
   end)
 
   teardown(function()
-    if server then
-      local trouble = shm.trouble(shm.stop(server))
-      if #trouble > 0 then
-        print("\nnginx error log:\n" .. table.concat(trouble, "\n"))
-      end
-    end
+    shm.stop_reporting(server)
   end)
 
   it("100 concurrent requests over both workers run fn once", function()
     shm.eventually(function() return #server.workers() == 2 end, "two workers")
+    local before = shm.counters(port, "stampede")
     local answers = ns.batch(port, times(100, "/shm/stampede?key=s1&n=100"), 30)
     assert.same({ ["1"] = 100 }, tally(answers, "exec"))
     assert.same({ ["true"] = 100 }, tally(answers, "shared"))
     local pids = distinct(answers, "pid")
     assert.equal(2, #pids, "the connections reached one worker only")
-    local st = shm.stats(port, "stampede")
+    local st = shm.delta(shm.counters(port, "stampede"), before)
     assert.equal(100, st.calls)
     assert.equal(1, st.executions)
     assert.equal(1, st.leads)
@@ -104,10 +100,17 @@ describe("shm across two nginx workers", function()
   end)
 
   it("holds nothing once the calls are over: the dict is no cache", function()
+    local counters = shm.entries(port, "c")
     ns.batch(port, times(50, "/shm/stampede?key=s2&n=50"), 30)
-    -- every entry expires within seconds of its last use
+    for i = 1, 20 do
+      ns.get(port, "/shm/stampede?key=many" .. i)
+    end
+    -- every entry expires within seconds of its last use, but the groups'
+    -- counters: a fixed number per group, made at new
     shm.eventually(function()
       return shm.entries(port, "") == 0
     end, "an empty dict", 15)
+    assert.is_true(counters > 0)
+    assert.equal(counters, shm.entries(port, "c"))
   end)
 end)

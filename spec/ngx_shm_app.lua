@@ -14,6 +14,32 @@ local book = ngx.shared.book
 -- a precise clock that every worker shares (CLOCK_MONOTONIC)
 local clock = singleflight._core.now
 
+-- A codec of the application's own, for values { name = <string>, n =
+-- <number> } and a string err: counts its calls in the book. With
+-- how = "raise" its encode raises, "garbage" its encode returns a number,
+-- "bad_decode" its decode raises.
+local function counted_codec(name, how)
+  return {
+    encode = function(v, err)
+      book:incr("encoded:" .. name, 1, 0)
+      if how == "raise" then
+        error("no encoding today")
+      elseif how == "garbage" then
+        return 42
+      end
+      return v.name .. "\n" .. string.format("%.17g", v.n) .. "\n" .. tostring(err)
+    end,
+    decode = function(bytes)
+      book:incr("decoded:" .. name, 1, 0)
+      if how == "bad_decode" then
+        error({ reason = "a table, raised" })
+      end
+      local vname, n, err = bytes:match("^(.-)\n(.-)\n(.*)$")
+      return { name = vname, n = tonumber(n), by_codec = true }, err
+    end,
+  }
+end
+
 local groups = {
   stampede = singleflight.new { shm = "sf" },
   panic = singleflight.new { shm = "sf" },
@@ -30,6 +56,17 @@ local groups = {
   zero_run = singleflight.new { shm = "sf", timeout = 0, on_timeout = "run" },
   start = singleflight.new { shm = "sf" },
   named = singleflight.group("named", { shm = "sf" }),
+  -- codecs (each a named group: counters of their own)
+  counted = singleflight.group("counted", { shm = "sf", codec = counted_codec("counted") }),
+  raise = singleflight.group("raise", { shm = "sf", codec = counted_codec("raise", "raise") }),
+  garbage = singleflight.group("garbage",
+                               { shm = "sf", codec = counted_codec("garbage", "garbage") }),
+  bad_decode = singleflight.group("bad_decode",
+                                  { shm = "sf", codec = counted_codec("bad_decode",
+                                                                      "bad_decode") }),
+  copy = singleflight.group("copy", { shm = "sf", codec = "copy" }),
+  buffer = singleflight.group("buffer", { shm = "sf", codec = "buffer" }),
+  default = singleflight.group("default", { shm = "sf" }),
   -- the same stampede, with one group per worker: the comparison
   local_only = singleflight.new(),
 }
@@ -217,17 +254,20 @@ end
 
 --- max_age = 0.3: the first execution runs for `hold` seconds, later ones
 -- return at once
+-- (with ?all=1, every execution holds `hold` seconds: longer than max_age)
 function handlers.aged(args)
   local key = args.key or "a"
   arrive("aged", key)
+  local t0, led = now(), false
   local v, err, shared = groups.aged:call(key, function()
+    led = true
     local exec = book:incr("exec:aged" .. key, 1, 0)
     book:set("started:aged" .. key .. ":" .. exec, now())
-    ngx.sleep(exec == 1 and (tonumber(args.hold) or 1.5) or 0.05)
+    ngx.sleep((exec == 1 or args.all) and (tonumber(args.hold) or 1.5) or 0.05)
     return "exec " .. exec
   end)
   publish_stats("aged")
-  reply { value = v, err = err, shared = shared, at = now() }
+  reply { value = v, err = err, shared = shared, at = now(), took = now() - t0, led = led }
 end
 
 --- The first execution holds until "release:forget" is set; later ones
@@ -317,16 +357,97 @@ function handlers.named(args)
   reply { exec = v.exec, err = err, shared = shared }
 end
 
---- The dict's entries whose name starts with `prefix` (none: all of them)
+--- The dict's entries whose name starts with `prefix` (none: all of
+-- them), the groups' counters ("c...") apart: they are counted only when
+-- `prefix` starts with "c"
 function handlers.entries(args)
   local keys = ngx.shared[args.dict or "sf"]:get_keys(0)
+  local prefix = args.prefix or ""
+  local counters = prefix:sub(1, 1) == "c"
   local n = 0
   for _, k in ipairs(keys) do
-    if not args.prefix or k:sub(1, #args.prefix) == args.prefix then
+    if k:sub(1, #prefix) == prefix and (counters or k:sub(1, 1) ~= "c") then
       n = n + 1
     end
   end
   reply { entries = n }
+end
+
+--- n requests on one key of a group with a codec (?group): fn returns
+-- { name, n } and "second" (with kind=panic, raises a table; with
+-- kind=shapes, returns the value of ?shape)
+local shapes = {
+  -- a tree: string.buffer carries it under the default codec
+  tree = function()
+    local t = { name = "tree", n = 2.5, list = { 1, 2, 3 }, deep = { a = { b = { c = "d" } } } }
+    return t, function(v)
+      return v.name == "tree" and v.n == 2.5 and v.list[3] == 3 and v.deep.a.b.c == "d"
+    end
+  end,
+  -- a subtable met twice, no cycle: kept as one table
+  shared = function()
+    local sub = { 1, 2 }
+    return { a = sub, b = sub, name = "shared" }, function(v)
+      return v.a == v.b and v.a[2] == 2
+    end
+  end,
+  -- a cycle
+  cycle = function()
+    local t = { name = "cycle" }
+    t.me = t
+    return t, function(v)
+      return v.me == v
+    end
+  end,
+  -- a table with a metatable: dropped in the other workers (the leader's
+  -- worker gets the very value)
+  meta = function()
+    return setmetatable({ name = "meta" }, { __index = { hidden = true } }), function(v, here)
+      return v.name == "meta" and (getmetatable(v) ~= nil) == here and (v.hidden == true) == here
+    end
+  end,
+}
+
+function handlers.codec(args)
+  local name, key, n = args.group, args.key or "c", tonumber(args.n) or 1
+  local g = groups[name]
+  local shape = args.shape and shapes[args.shape]
+  arrive(name, key)
+  local check
+  local ok, v, err = pcall(g.call, g, key, function()
+    book:incr("exec:" .. name .. key, 1, 0)
+    book:set("leader:" .. name .. key, ngx.worker.pid())
+    sleep_until(function() return (book:get("arrived:" .. name .. key) or 0) >= n end, 10)
+    ngx.sleep(0.05)
+    if args.kind == "panic" then
+      error({ code = 42 })
+    end
+    if shape then
+      local value
+      value, check = shape()
+      return value, "second"
+    end
+    return { name = "v" .. key, n = 0.1 + 0.2 }, "second"
+  end)
+  if ok and shape and not check then
+    local _
+    _, check = shape()
+  end
+  reply {
+    ok = ok, name = ok and type(v) == "table" and v.name or "",
+    n = ok and type(v) == "table" and string.format("%.17g", v.n or 0) or "",
+    by_codec = ok and type(v) == "table" and v.by_codec or false,
+    err = ok and err or "", message = not ok and tostring(v) or "",
+    is_panic = singleflight.is_panic(v), code = not ok and type(v.value) == "table"
+                                                and v.value.code or "",
+    whole = ok and check ~= nil
+            and check(v, book:get("leader:" .. name .. key) == ngx.worker.pid()) or false,
+  }
+end
+
+--- The group's stats, as g:stats() gives them in the worker that answers
+function handlers.istats(args)
+  reply(groups[args.group]:stats())
 end
 
 --- The errors of new with a bad shm option

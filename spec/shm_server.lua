@@ -56,6 +56,17 @@ function M.trouble(log)
   return out
 end
 
+--- Stops it (if it started) and prints the errors of its log (a spec's
+-- teardown).
+function M.stop_reporting(server)
+  if server then
+    local trouble = M.trouble(M.stop(server))
+    if #trouble > 0 then
+      print("\nnginx error log:\n" .. table.concat(trouble, "\n"))
+    end
+  end
+end
+
 M.times, M.tally = ns.times, ns.tally
 
 --- The distinct values of `field`, sorted, as a list.
@@ -72,15 +83,56 @@ function M.distinct(answers, field)
   return list
 end
 
---- The stats of group `group` summed over the workers.
-function M.stats(port, group)
-  local a = ns.get(port, "/shm/stats?group=" .. group)
-  assert(a.status == 200, "stats: status " .. tostring(a.status))
+-- The answer to `path`'s fields, as numbers.
+local function numbers(port, path)
+  local a = ns.get(port, path)
+  assert(a.status == 200, path .. ": status " .. tostring(a.status))
   local st = {}
   for k, v in pairs(a.fields) do
     st[k] = tonumber(v)
   end
   return st
+end
+
+--- The stats of group `group` summed over the workers, as each published
+-- them after its last call (for a group without shm: this worker's).
+function M.stats(port, group)
+  return numbers(port, "/shm/stats?group=" .. group)
+end
+
+--- The instance-wide stats of group `group`, as g:stats() gives them in
+-- whichever worker answers (numbers; pid: that worker's).
+function M.counters(port, group)
+  return numbers(port, "/shm/istats?group=" .. group)
+end
+
+--- The same, asked until `workers` distinct workers answered (40 tries at
+-- most): a list of answers, one per worker.
+function M.counters_everywhere(port, group, workers)
+  local by_pid, list = {}, {}
+  for _ = 1, 40 do
+    local st = M.counters(port, group)
+    if not by_pid[st.pid] then
+      by_pid[st.pid] = true
+      list[#list + 1] = st
+      if #list == workers then
+        break
+      end
+    end
+  end
+  return list
+end
+
+--- after - before, field by field (but pid and inflight, which are not
+-- counters)
+function M.delta(after, before)
+  local d = {}
+  for k, v in pairs(after) do
+    if k ~= "pid" and k ~= "inflight" then
+      d[k] = v - (before[k] or 0)
+    end
+  end
+  return d
 end
 
 --- A value of the app's book.

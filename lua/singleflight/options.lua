@@ -137,6 +137,12 @@ function M.check(fname, argn, opts)
     elseif k == "shm" then
       check_shm(fname, v)
       o.shm = v
+    elseif k == "codec" then
+      local c, why = require("singleflight.codec").check(v)
+      if not c then
+        option_error(fname, "codec", why)
+      end
+      o.codec = c
     elseif k == "redis" then
       if not backends.in_openresty() then
         option_error(fname, "redis", "needs OpenResty, and shm beside it")
@@ -150,6 +156,10 @@ function M.check(fname, argn, opts)
   if opts.on_timeout ~= nil and opts.timeout == nil then
     option_error(fname, "on_timeout", "needs the timeout option: without it a caller "
                  .. "never times out")
+  end
+  if o.codec and not o.shm then
+    option_error(fname, "codec", "needs shm beside it: values cross nginx workers "
+                 .. "and machines only with shm")
   end
   if o.redis and not o.shm then
     option_error(fname, "redis", "needs shm beside it: a fleet is deduplicated "

@@ -21,8 +21,9 @@
 --                  waits on it. The leader closes it (adds CLOSED) when fn
 --                  returns: watchers that counted themselves in before are
 --                  sure to find the result.
---   r<token>       the result, encoded once by the core's value copier; the
---                  last watcher to read it deletes it (or it expires).
+--   r<token>       the result, encoded once by the group's codec (or the
+--                  core's value copier); the last watcher to read it
+--                  deletes it (or it expires).
 --   g<base>        the generation, only after a forget: later callers use
 --                  the next lock, and those waiting on the forgotten
 --                  execution still get its result. Every leader of the key,
@@ -31,13 +32,16 @@
 --                  and runs out soon after the key's last one.
 --   s              the dict's change count, bumped whenever a lock is let
 --                  go.
+--   c<name>:<ns>   the group's counter <name> for the whole instance (see
+--                  publish): a fixed number per group, with no expiry.
 --
 -- A watcher waits on a semaphore. One light thread per worker (while
 -- anyone watches) reads the change count every millisecond and wakes the
 -- watchers whose lock changed; a watcher also wakes when its lock's lease
 -- would run out. Then the result is there, or the leader went away and the
--- first to add the lock again leads. Every entry has an expiry of a few
--- seconds at most: the dict holds in-flight state only, never a cache.
+-- first to add the lock again leads. Every entry but the counters has an
+-- expiry of a few seconds at most: the dict holds in-flight state and a
+-- fixed number of counters per group, never a cache.
 -- When the dict is full, calls fall back to this worker alone, counted and
 -- logged.
 
@@ -47,14 +51,17 @@ local runner = require "singleflight.runner"
 local backends = require "singleflight.backends"
 local flow = require "singleflight.flow"
 local future = require "singleflight.future"
+local codec_default = require("singleflight.codec").default
 
 local ngx = rawget(_G, "ngx")
 if type(ngx) ~= "table" or type(ngx.shared) ~= "table" then
   error("singleflight: the shm option needs OpenResty (ngx_lua)", 2)
 end
 
-local error, getmetatable, next, pairs, pcall, rawget, select, setmetatable, tostring, type =
-      error, getmetatable, next, pairs, pcall, rawget, select, setmetatable, tostring, type
+local error, getmetatable, ipairs, next, pairs, pcall, rawget, select, setmetatable, tostring,
+      type =
+      error, getmetatable, ipairs, next, pairs, pcall, rawget, select, setmetatable, tostring,
+      type
 local unpack = table.unpack or unpack -- luacheck: ignore 143
 local sfmt, sub, match = string.format, string.sub, string.match
 local co_running = coroutine.running
@@ -102,12 +109,17 @@ local RETRY = setmetatable({}, { __name = "singleflight.shm.retry" })
 local FAILED = setmetatable({}, { __name = "singleflight.shm.failed" })
 
 -- result flags in the dict
-local F_PAYLOAD, F_UNCROSSABLE, F_NO_ROOM = 0, 1, 2
+-- (F_PAYLOAD: the core's copier; F_CODEC: the group's codec)
+local F_PAYLOAD, F_UNCROSSABLE, F_NO_ROOM, F_CODEC = 0, 1, 2, 3
 
 local M = {}
 
--- handle -> its tier: { dict, name, ns, opts, counts, current }
+-- handle -> its tier: { dict, name, ns, opts, codec, book, counts, current }
 local tiers = setmetatable({}, { __mode = "k" })
+-- "<dict>\0<name>" -> a named group's book in this worker: its counts, and
+-- what of them is in the dict's counters (pushed)
+local books = {}
+local counter_key, publish -- (below)
 
 ---------------------------------------------------------------------------
 -- Tokens: this worker's, unique in the instance
@@ -318,10 +330,22 @@ local function crossed_panic(value, tb, skey)
   return p
 end
 
--- The outcome as the dict holds it: a value and its flags.
-local function packed(ok, v, err)
+-- The outcome as the dict holds it: a value and its flags. A result goes
+-- through the group's codec (singleflight.codec), once; a panic, or a
+-- result the codec leaves to it, through the core's copier. A codec that
+-- fails makes the result one that cannot cross (the reason in its place).
+local function packed(t, ok, v, err)
   local payload, bad
   if ok then
+    local enc = t.codec.encode
+    if enc then
+      local fine, bytes = pcall(enc, v, err)
+      if not fine then
+        return "the codec's encode failed: " .. safe_tostring(bytes), F_UNCROSSABLE
+      elseif bytes ~= nil then
+        return bytes, F_CODEC
+      end
+    end
     payload, bad = encode(true, v, err)
   else
     local value = v.value
@@ -337,19 +361,31 @@ local function packed(ok, v, err)
 end
 
 -- Across a fleet (the redis option), the outcome travels as one string:
--- "P" and the payload, or "U" and the type that could not cross.
-local function fleet_bytes(ok, v, err)
-  local value, flags = packed(ok, v, err)
-  return (flags == F_PAYLOAD and "P" or "U") .. value
+-- "P" and the copier's payload, "C" and the codec's, or "U" and why it
+-- could not cross.
+local FLEET_KIND = { [F_PAYLOAD] = "P", [F_CODEC] = "C", [F_UNCROSSABLE] = "U" }
+
+local function fleet_bytes(t, ok, v, err)
+  local value, flags = packed(t, ok, v, err)
+  return FLEET_KIND[flags] .. value
 end
 
 -- What another instance's outcome gives here: ok, v, err as fn would, or
 -- false and the panic.
-local function from_fleet(bytes, skey)
+local function from_fleet(t, bytes, skey)
   local kind, rest = sub(bytes, 1, 1), sub(bytes, 2)
   if kind == "U" then
     return false, sfmt("singleflight: result for key %s cannot cross instances (%s)",
                        quote(skey), rest)
+  elseif kind == "C" then
+    local dec = t.codec.decode
+    local fine, v, err = pcall(dec or error, rest)
+    if not fine then
+      return false, sfmt("singleflight: result for key %s cannot cross instances (the "
+                         .. "codec's decode failed: %s)", quote(skey),
+                         dec and safe_tostring(v) or "this group's codec is the copier")
+    end
+    return true, v, err
   end
   local okd, ok, a, b = pcall(decode, rest)
   if not okd then
@@ -402,7 +438,7 @@ local function run_lead(t, rec, ctx, fn, ...)
     if not ok and not is_panic(v) then -- the handler failed: a bare value
       v = new_panic(v)
     end
-    return fleet_bytes(ok, v, err)
+    return fleet_bytes(t, ok, v, err)
   end, {
     wait = ctx.deadline and (ctx.deadline > now() and ctx.deadline - now() or 0),
     forgotten = function()
@@ -425,7 +461,7 @@ local function run_lead(t, rec, ctx, fn, ...)
     return RETRY
   end
   ctx.ran = false -- another caller's outcome
-  return from_fleet(bytes, skey)
+  return from_fleet(t, bytes, skey)
 end
 
 local function store(t, rkey, value, flags)
@@ -501,7 +537,7 @@ local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
     local theirs = prev ~= nil and close(dict, "w" .. prev)
     if mine or theirs then
       shared = true
-      local value, flags = packed(ok, v, err)
+      local value, flags = packed(t, ok, v, err)
       if mine then
         store(t, "r" .. token, value, flags)
       end
@@ -514,6 +550,19 @@ local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
       dict:delete(pkey)
     end
     bump(dict)
+  elseif expires and now() >= expires then
+    -- max_age handed the key to a successor, which still runs: this
+    -- outcome, first to arrive, answers the successor's watchers (the
+    -- successor finds them answered, and keeps its own for its worker's
+    -- callers), as nginx's proxy_cache_lock_age serves every waiter with
+    -- the first response
+    local cur = dict:get(lkey)
+    local succ = cur and token_of(cur)
+    if succ and succ ~= token and close(dict, "w" .. succ) then
+      shared = true
+      store(t, "r" .. succ, packed(t, ok, v, err))
+      bump(dict)
+    end
   end
   ctx.shared = shared or ctx.fleet_shared == true
   if not ok then
@@ -527,6 +576,12 @@ end
 -- The watcher
 
 local RESTART, LOCAL, TIMED_OUT, REFRESH = {}, {}, {}, {}
+
+-- Was the execution watched under wkey answered before its end (by a
+-- predecessor that max_age had replaced: see lead)?
+local function answered(dict, wkey)
+  return (dict:get(wkey) or 0) > CLOSED
+end
 
 -- The watcher leaves w<token>; the last reader of a result deletes it.
 local function leave(dict, wkey, rkey, moved)
@@ -546,6 +601,16 @@ local function outcome(t, ctx, r, flags)
                         quote(ctx.skey), r)
   elseif flags == F_NO_ROOM then
     return LOCAL
+  elseif flags == F_CODEC then
+    local dec = t.codec.decode
+    local fine, v, err = pcall(dec or error, r)
+    if not fine then -- (no decode: another worker's group has a codec, this one none)
+      return FAILED, sfmt("singleflight: result for key %s cannot cross nginx workers "
+                          .. "(the codec's decode failed: %s)", quote(ctx.skey),
+                          dec and safe_tostring(v) or "this group's codec is the copier")
+    end
+    ctx.shared = true
+    return v, err
   end
   local fine, ok, a, b = pcall(decode, r)
   if not fine then
@@ -609,7 +674,7 @@ local function poll()
       if at - w.touched > STALE then -- its coroutine went away
         watchers[w] = nil
         nwatchers = nwatchers - 1
-      elseif m and not w.woken and d:get(w.lkey) ~= w.val then
+      elseif m and not w.woken and (d:get(w.lkey) ~= w.val or answered(d, w.wkey)) then
         w.woken = true
         w.sema:post(1)
       end
@@ -686,14 +751,14 @@ local function watch(t, ctx, lkey, val, held)
   if not new_sema then
     new_sema = require("ngx.semaphore").new
   end
-  local w = { dict = dict, lkey = lkey, val = val, sema = new_sema(0), woken = false,
-              touched = now() }
+  local w = { dict = dict, lkey = lkey, val = val, wkey = wkey, sema = new_sema(0),
+              woken = false, touched = now() }
   enlist_watcher(w)
   local deadline, refresh = ctx.deadline, ctx.refresh
   local st, cur
   while true do
     cur = dict:get(lkey)
-    if cur ~= val or n > CLOSED then
+    if cur ~= val or n > CLOSED or answered(dict, wkey) then
       break
     end
     local at = now()
@@ -857,6 +922,66 @@ local function step(self, t, ctx, fn, ...)
 end
 
 ---------------------------------------------------------------------------
+-- Counters for the whole instance: each worker adds what its callers did
+-- to counters in the dict (incr), one entry per counter and group. They
+-- are counters, not in-flight state: they have no expiry, and live as
+-- long as the dict (a reload keeps them). A group's keys are its counters'
+-- too: groups made with new over one dict share both; a named group has
+-- its own.
+
+local COUNTERS = { "calls", "executions", "shared", "panics", "timeouts", "abandoned",
+                   "forgotten", "leads", "waits", "takeovers", "fallbacks" }
+local ALL_COUNTERS = { "calls", "executions", "shared", "panics", "timeouts", "abandoned",
+                       "forgotten", "leads", "waits", "takeovers", "fallbacks",
+                       "fleet_leads", "fleet_waits", "fleet_fallbacks", "fleet_timeouts" }
+
+function counter_key(t, name)
+  return "c" .. name .. ":" .. t.ns
+end
+
+-- The counters of this worker's callers (for the group: named groups'
+-- handles share them in a worker, as they share the core's).
+local function worker_stats(self, t)
+  local st = c_stats(self)
+  local c = t.counts
+  -- each step counted as an execution; fn ran fnruns times
+  st.executions = st.executions - c.steps + c.fnruns
+  st.shared = c.dups
+  st.panics = st.panics - c.remote_panics
+  -- a forget counts once, in the worker that forgot
+  st.forgotten = st.forgotten - c.forgets_seen + c.forgets_there
+  st.leads, st.waits, st.takeovers, st.fallbacks =
+    c.leads, c.waits, c.takeovers, c.fallbacks
+  st.fleet_leads, st.fleet_waits, st.fleet_fallbacks, st.fleet_timeouts =
+    c.fleet_led, c.fleet_waited, c.fleet_fallback, c.fleet_timeout
+  st.timeouts = st.timeouts + c.fleet_timeout
+  return st
+end
+
+-- Adds this worker's counts since the last time to the dict's counters
+-- (safe_add: never evicts; a full dict keeps them here until there is
+-- room). Returns this worker's counters.
+function publish(self, t)
+  local st = worker_stats(self, t)
+  local dict, pushed = t.dict, t.book.pushed
+  for _, name in ipairs(ALL_COUNTERS) do
+    local d = st[name] - (pushed[name] or 0)
+    if d ~= 0 then
+      local key = counter_key(t, name)
+      local n = dict:incr(key, d)
+      if not n then
+        local ok, err = dict:safe_add(key, 0)
+        n = (ok or err == "exists") and dict:incr(key, d)
+      end
+      if n then
+        pushed[name] = st[name]
+      end
+    end
+  end
+  return st
+end
+
+---------------------------------------------------------------------------
 -- g:call on a tiered group (flow.call hands it over here)
 
 local function base_of(t, skey)
@@ -893,7 +1018,10 @@ local function tiered(self, key, fn, ...)
   local cur = t.current[skey]
   if cur and cur.gen ~= (t.dict:get("g" .. base) or 0) then
     -- forgotten in another worker: this worker's callers start afresh too
-    c_forget(self, skey)
+    -- (counted where it was forgotten, not here)
+    if c_forget(self, skey) then
+      t.counts.forgets_seen = t.counts.forgets_seen + 1
+    end
     t.current[skey] = nil
   end
   local timeout = t.opts.timeout
@@ -914,6 +1042,7 @@ local function tiered(self, key, fn, ...)
   if not ctx.ran and (shared or v == FAILED or not ok and is_panic(v)) then
     t.counts.dups = t.counts.dups + 1 -- another caller's outcome
   end
+  publish(self, t)
   if not ok then
     error(v, 0)
   elseif v == FAILED then
@@ -944,25 +1073,24 @@ methods.forget = function(self, key)
     next_generation(t, gkey)
   end
   local there = t.fleet ~= nil and t.fleet:forget(skey) == true -- every instance
+  if not was and (here or there) then -- in flight elsewhere only: one forget
+    t.counts.forgets_there = t.counts.forgets_there + 1
+  end
+  publish(self, t)
   return was or here or there
 end
 
 methods.stats = function(self)
-  local st = c_stats(self)
   local t = tiers[self]
-  if t then
-    local c = t.counts
-    -- each step counted as an execution; fn ran fnruns times
-    st.executions = st.executions - c.steps + c.fnruns
-    st.shared = c.dups
-    st.panics = st.panics - c.remote_panics
-    st.leads, st.waits, st.takeovers, st.fallbacks =
-      c.leads, c.waits, c.takeovers, c.fallbacks
-    if t.fleet then -- this worker's leads, across the fleet
-      st.fleet_leads, st.fleet_waits, st.fleet_fallbacks, st.fleet_timeouts =
-        c.fleet_led, c.fleet_waited, c.fleet_fallback, c.fleet_timeout
-      st.timeouts = st.timeouts + c.fleet_timeout
-    end
+  if not t then
+    return c_stats(self)
+  end
+  local mine = publish(self, t)
+  -- the instance's counters: every worker's, pushed to the dict (and what
+  -- this worker could not push yet: the dict was full)
+  local st, dict, pushed = { inflight = mine.inflight }, t.dict, t.book.pushed
+  for _, name in ipairs(t.fleet and ALL_COUNTERS or COUNTERS) do
+    st[name] = (dict:get(counter_key(t, name)) or 0) + mine[name] - (pushed[name] or 0)
   end
   return st
 end
@@ -1069,19 +1197,32 @@ end
 -- group over the lua_shared_dict o.shm.
 function M.attach(g, o, name)
   local dict = ngx.shared[o.shm]
+  local book = name and books[o.shm .. "\0" .. name]
+  if not book then
+    book = { pushed = {}, counts = {
+      leads = 0, waits = 0, takeovers = 0, fallbacks = 0, steps = 0, fnruns = 0, dups = 0,
+      remote_panics = 0, forgets_seen = 0, forgets_there = 0,
+      fleet_led = 0, fleet_waited = 0, fleet_fallback = 0, fleet_timeout = 0 } }
+    if name then
+      books[o.shm .. "\0" .. name] = book
+    end
+  end
   tiers[g] = {
-    dict = dict, name = o.shm, opts = o,
+    dict = dict, name = o.shm, opts = o, codec = o.codec or codec_default(),
     -- a named group's keys are its own; groups made with new share the dict's
     ns = name and ("=" .. #name .. ":" .. name) or "-",
     be = o.backend ~= "auto" and resolve(o.backend) or nil,
-    counts = { leads = 0, waits = 0, takeovers = 0, fallbacks = 0, steps = 0,
-               fnruns = 0, dups = 0, remote_panics = 0,
-               fleet_led = 0, fleet_waited = 0, fleet_fallback = 0, fleet_timeout = 0 },
+    book = book, counts = book.counts,
     current = setmetatable({}, { __mode = "v" }),
     -- the group's identity across the fleet: the dict's name and its own
     fleet = o.redis and require("singleflight.redis").new(o.redis, { shm = o.shm, group = name })
             or nil,
   }
+  -- the counters are made now, while there is room: counting never adds
+  -- an entry later (incr on an entry there allocates nothing)
+  for _, cname in ipairs(o.redis and ALL_COUNTERS or COUNTERS) do
+    dict:safe_add(counter_key(tiers[g], cname), 0)
+  end
 end
 
 flow.tiered = tiered
