@@ -370,6 +370,49 @@ do
       fmt("%s (one per key)", num(keys, 0)), worst, equals(keys), true)
 end
 
+-- Codecs (the codec option of groups with shm): the default against the
+-- core's copier, LuaJIT, one round trip of a small table
+do
+  local r = ratio("lua-jit.codec_small_buffer_ns", "lua-jit.codec_small_copy_ns")
+  row("LuaJIT codec round trip, small table: the default (buffer) vs the copier",
+      fmt("%s (%s vs %s ns; %s vs %s bytes)", times(r),
+          num(get("lua-jit.codec_small_buffer_ns")), num(get("lua-jit.codec_small_copy_ns")),
+          num(get("lua-jit.codec_small_buffer_bytes"), 0),
+          num(get("lua-jit.codec_small_copy_bytes"), 0)),
+      "<= 1x", r, at_most(1), not have_jit or not get("lua-jit.codec_small_copy_ns"))
+end
+
+-- The Redis tier: executions, connections and commands per stampede over 3
+-- instances x 2 workers (the pool at ngx_lua's default size, 30)
+do
+  local inst, workers = get("nginx.redis_instances") or 3, get("nginx.redis_workers") or 2
+  local function stampede(name)
+    return fmt("%s executions; Redis connections at most %s (%s opened), %s commands",
+               num(get("nginx.redis_" .. name .. "_execs"), 0),
+               num(get("nginx.redis_" .. name .. "_conns_most"), 0),
+               num(get("nginx.redis_" .. name .. "_conns_opened"), 0),
+               num(get("nginx.redis_" .. name .. "_commands"), 0))
+  end
+  local one = worst_run("nginx.redis_one_execs", function(e) return math.abs(e - 1) end)
+  row(fmt("Redis fleet, %s instances x %s nginx workers, one key x %s requests: executions",
+          num(inst, 0), num(workers, 0), num(get("nginx.redis_one_requests") or 200, 0)),
+      stampede("one"), "1", one, equals(1), true)
+  local keys = get("nginx.redis_many_keys") or 500
+  local many = worst_run("nginx.redis_many_execs", function(e, r)
+    return math.abs(e - (get("nginx.redis_many_keys", r) or keys))
+  end)
+  row(fmt("Redis fleet, %s keys at once, each on %s instances x %s workers: executions",
+          num(keys, 0), num(inst, 0), num(workers, 0)),
+      stampede("many"), fmt("%s (one per key)", num(keys, 0)), many, equals(keys), true)
+  local bound = inst * workers * (30 + 2)
+  local most = worst_run("nginx.redis_many_conns_most", function(c) return c end)
+  row(fmt("Redis fleet, %s keys at once: Redis connections (the worst run)", num(keys, 0)),
+      fmt("%s at most, for %s requests", num(most, 0),
+          num(get("nginx.redis_many_requests"), 0)),
+      fmt("<= %d: per worker its pool (30) and 2, whatever the keys", bound), most,
+      at_most(bound), true)
+end
+
 ---------------------------------------------------------------------------
 -- Output
 
@@ -496,6 +539,24 @@ if get("nginx.keys_lag_ms") then
       "median %s, worst run %s; spawning each worker's callers took %s ms, the load %s s",
       num(get("nginx.keys_lag_ms"), 1), num(worst_lag, 1), num(get("nginx.keys_spawn_ms"), 0),
       num(get("nginx.keys_took_s"), 2))
+end
+for _, v in ipairs { "jit", "5.4" } do
+  local s = "lua-" .. v
+  for _, shape in ipairs { { "small", "small table" }, { "string", "10 KB string" },
+                           { "nested", "1000 nested entries" }, { "cycle", "a cycle" } } do
+    local parts = {}
+    for _, c in ipairs { "copy", "buffer", "raw" } do
+      local ns_ = get(s .. ".codec_" .. shape[1] .. "_" .. c .. "_ns")
+      if ns_ then
+        parts[#parts + 1] = fmt("%s %s ns, %s bytes", c, num(ns_),
+                                num(get(s .. ".codec_" .. shape[1] .. "_" .. c .. "_bytes"), 0))
+      end
+    end
+    if #parts > 0 then
+      add(fmt("%s codecs, round trip of %s", v == "jit" and "LuaJIT" or "Lua " .. v, shape[2]),
+          "%s", table.concat(parts, "; "))
+    end
+  end
 end
 add("C core, private group (no locks), ns per acquire+finish", "%s",
     num(get("core.private_ns")))

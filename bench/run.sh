@@ -100,9 +100,18 @@ run_lua() { # version mode [extra cpath dir]
     bench/lua_bench.lua "$2" "$SCALE"
 }
 
+# bench/codec_bench.lua: the codecs a result crosses nginx workers by
+# shellcheck disable=SC2317 # called through collect
+run_codec() { # version
+  $(lua_bin "$1") -e "package.path = 'lua/?.lua;lua/?/init.lua;' .. package.path
+    package.cpath = '$BUILD/$1/?.so;' .. package.cpath" \
+    bench/codec_bench.lua "$SCALE"
+}
+
 # bench/nginx_bench.lua, for the row across nginx workers, and
-# bench/nginx_heap_bench.lua, nginx_watch_bench.lua and nginx_keys_bench.lua
-# (a big heap, the CPU of watching, 1000 keys x 4 workers): LuaJIT and
+# bench/nginx_heap_bench.lua, nginx_watch_bench.lua, nginx_keys_bench.lua and
+# nginx_redis_bench.lua (a big heap, the CPU of watching, 1000 keys x 4
+# workers, a Redis fleet's connections per stampede): LuaJIT and
 # LuaSocket drive a throwaway nginx (each says why on stderr when it can't)
 nginx_bench=
 if command -v luajit >/dev/null 2>&1 && luajit -e 'require "socket"' 2>/dev/null; then
@@ -147,6 +156,13 @@ while [ "$run" -le "$RUNS" ]; do
     note "run $run of $RUNS: Lua $v"
     collect "$run lua-$v" run_lua "$v" speed
   done
+  for v in $luas; do
+    case $v in jit | 5.4)
+      note "run $run of $RUNS: Lua $v, codecs"
+      collect "$run lua-$v" run_codec "$v"
+      ;;
+    esac
+  done
   if [ -n "$floor" ]; then
     note "run $run of $RUNS: Lua 5.4, floor"
     collect "$run lua-5.4" run_lua 5.4 floor "$floor"
@@ -160,6 +176,8 @@ while [ "$run" -le "$RUNS" ]; do
     collect "$run nginx" luajit bench/nginx_watch_bench.lua "$SCALE"
     note "run $run of $RUNS: nginx, 1000 keys x 4 workers"
     collect "$run nginx" luajit bench/nginx_keys_bench.lua "$SCALE"
+    note "run $run of $RUNS: nginx, a Redis fleet: connections and commands per stampede"
+    collect "$run nginx" luajit bench/nginx_redis_bench.lua "$SCALE"
   fi
   run=$((run + 1))
 done
