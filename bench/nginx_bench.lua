@@ -1,4 +1,4 @@
---- Across nginx workers (SPEC 6): stampedes of N concurrent requests on one
+--- Across nginx workers: stampedes of N concurrent requests on one
 -- key over 4 nginx workers, through a group over a lua_shared_dict and
 -- through a group per worker, side by side, one round of each at a time.
 --

@@ -1,4 +1,4 @@
---- Turns the raw lines of bench/run.sh into the table of SPEC section 6.
+--- Turns the raw lines of bench/run.sh into the table of the targets.
 --
 --   lua bench/report.lua RESULTS [--smoke]
 --
@@ -462,7 +462,7 @@ if meta.scale and tonumber(meta.scale) ~= 1 then
   print(fmt("counts scaled by %s (smoke run: the numbers mean nothing)", meta.scale))
 end
 print()
-print_table({ "SPEC 6 target", "measured", "target", "result" }, rows)
+print_table({ "target", "measured", "goal", "result" }, rows)
 
 -- Everything else, for information.
 local info = {}

@@ -1,5 +1,6 @@
 #!/bin/sh
-# run.sh: the benchmarks of SPEC section 6, and one table of the results.
+# run.sh: the benchmarks of the performance targets, and one table of the
+# results.
 #
 #   sh bench/run.sh            every benchmark, BENCH_RUNS (3) runs, medians
 #   BENCH_SMOKE=1 sh bench/run.sh

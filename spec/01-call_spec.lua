@@ -1,5 +1,5 @@
 -- g:call: one execution per key in flight, results, sharing, yields and
--- recursion, inside one Lua state (SPEC 3.1 to 3.5 and 3.7).
+-- recursion, inside one Lua state.
 local helpers = require "helpers"
 local singleflight = require "singleflight"
 

@@ -1,4 +1,4 @@
--- Errors raised by fn: panic errors for every caller (SPEC 3.4).
+-- Errors raised by fn: panic errors for every caller.
 local helpers = require "helpers"
 local singleflight = require "singleflight"
 

@@ -1,5 +1,5 @@
 -- g:forget(key): later callers start afresh; the forgotten call finishes
--- for those already waiting and leaves its successor alone (SPEC 4).
+-- for those already waiting and leaves its successor alone.
 local helpers = require "helpers"
 local singleflight = require "singleflight"
 

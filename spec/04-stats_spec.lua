@@ -1,4 +1,4 @@
--- g:stats(): a fresh table of exact counters (SPEC 4).
+-- g:stats(): a fresh table of exact counters.
 local helpers = require "helpers"
 local singleflight = require "singleflight"
 

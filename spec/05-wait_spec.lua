@@ -1,6 +1,6 @@
 -- How a duplicate in the leader's own Lua state waits: the backends
 -- "coroutine", "none", "auto" and a custom table; duplicates that can't
--- wait; timeout and on_timeout (SPEC 3.6, 3.8 and 5).
+-- wait; timeout and on_timeout.
 local helpers = require "helpers"
 local singleflight = require "singleflight"
 

@@ -1,5 +1,5 @@
 -- The group handle: a full userdata of type singleflight.Group, closing,
--- closed handles and garbage collection (SPEC 2).
+-- closed handles and garbage collection.
 local helpers = require "helpers"
 local singleflight = require "singleflight"
 

@@ -1,7 +1,6 @@
 -- Abandoned leaders inside one Lua state: a leader coroutine closed
 -- (coroutine.close, 5.4) or collected while suspended inside fn. The first
--- waiter becomes the new leader and runs its own fn; the rest wait for it
--- (SPEC 3.10).
+-- waiter becomes the new leader and runs its own fn; the rest wait for it.
 local helpers = require "helpers"
 local singleflight = require "singleflight"
 

@@ -1,5 +1,5 @@
 -- Process-wide groups used from several Lua states, each in its own OS
--- thread (SPEC sections 2, 3.6, 3.10; the helper module is sfthreads).
+-- thread (the helper module is sfthreads).
 local X = require "xthreads"
 local singleflight = require "singleflight"
 local T = X.T

@@ -1,4 +1,4 @@
--- Values that cross Lua states (SPEC section 3.9): what a waiter in another
+-- Values that cross Lua states: what a waiter in another
 -- state (another OS thread) gets for every kind of result and panic value.
 local X = require "xthreads"
 local singleflight = require "singleflight"

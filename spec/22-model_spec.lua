@@ -1,4 +1,4 @@
--- A randomised test against a model (SPEC section 7).
+-- A randomised test against a model.
 --
 -- A driver in this state makes random moves on groups (private and
 -- process-wide), keys, coroutines of this state (run by a round-robin
