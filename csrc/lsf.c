@@ -463,6 +463,21 @@ enum {
   ST_PANICKED_GONE = 10
 };
 
+/* The statuses by name: the module exports them as core.ST, which the Lua
+ * layer reads (it writes no number of its own). */
+static const struct {
+  const char *name;
+  int value;
+} statuses[] = {
+  {"LEADER", ST_LEADER},       {"DONE", ST_DONE},
+  {"JOINED", ST_JOINED},       {"FOREIGN", ST_FOREIGN},
+  {"ABSENT", ST_ABSENT},       {"RECURSIVE", ST_RECURSIVE},
+  {"PANICKED", ST_PANICKED},   {"DELIVER", ST_DELIVER},
+  {"TIERED", ST_TIERED},       {"DONE_GONE", ST_DONE_GONE},
+  {"PANICKED_GONE", ST_PANICKED_GONE},
+  {NULL, 0}
+};
+
 /* Pushes the options of the handle at idx (a group), or `none` (nil or
  * false). */
 static void push_options(lua_State *L, int idx, int none) {
@@ -1255,6 +1270,12 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
     lua_pushinteger(L, acquire_flags[i].value);
     lua_setfield(L, module, acquire_flags[i].name);
   }
+  lua_createtable(L, 0, 11);
+  for (i = 0; statuses[i].name; i++) {
+    lua_pushinteger(L, statuses[i].value);
+    lua_setfield(L, -2, statuses[i].name);
+  }
+  lua_setfield(L, module, "ST");
   lua_pushboolean(L, LSF_HAVE_TOCLOSE);
   lua_setfield(L, module, "closes");
   return 1;

@@ -10,6 +10,26 @@ describe("the module", function()
     assert.is_table(require "singleflight.core")
   end)
 
+  it("the binding names its statuses in one table, which the Lua layer reads", function()
+    local ST = require("singleflight.core").ST
+    local names = { "LEADER", "DONE", "JOINED", "FOREIGN", "ABSENT", "RECURSIVE",
+                    "PANICKED", "DELIVER", "TIERED", "DONE_GONE", "PANICKED_GONE" }
+    local seen = {}
+    for _, name in ipairs(names) do
+      assert.is_number(ST[name], name)
+      seen[ST[name]] = (seen[ST[name]] or 0) + 1
+    end
+    assert.equal(2, seen[ST.DONE]) -- LEADER of an acquire, DONE of a run
+    -- no Lua file of the library writes a status as a number
+    for _, file in ipairs { "flow", "future", "runner", "shm" } do
+      local f = assert(io.open("lua/singleflight/" .. file .. ".lua"))
+      local text = f:read("*a")
+      f:close()
+      assert.is_nil(text:match("local DONE[%w_, ]*=%s*%d"), file)
+      assert.is_nil(text:match("st [~=]= %d"), file)
+    end
+  end)
+
   it("runs a call", function()
     local g = singleflight.new()
     local v, err, shared = g:call("k", function(a, b) return a + b, "e" end, 1, 2)

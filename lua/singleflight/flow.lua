@@ -47,8 +47,10 @@ local resolve, cannot_wait, interpreted =
       backends.resolve, backends.cannot_wait, backends.interpreted
 local DEFAULTS = options.DEFAULTS
 
-local DONE, JOINED, RECURSIVE, PANICKED, DELIVER, TIERED, DONE_GONE,
-      PANICKED_GONE = 0, 1, 5, 6, 7, 8, 9, 10
+local ST = core.ST -- the binding's statuses, by name (see csrc/lsf.c)
+local DONE, JOINED, RECURSIVE, PANICKED, DELIVER, TIERED, DONE_GONE, PANICKED_GONE =
+      ST.DONE, ST.JOINED, ST.RECURSIVE, ST.PANICKED, ST.DELIVER, ST.TIERED, ST.DONE_GONE,
+      ST.PANICKED_GONE
 local TIMEOUT = "singleflight: wait timed out"
 local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 
@@ -446,7 +448,11 @@ local function wait_foreign(opts, ref, skey, deadline)
   end
 end
 
-local TAKE_OVER = -1 -- join's status for a call seen abandoned already
+-- join's own status, beside the binding's: a call seen abandoned already
+local TAKE_OVER = "take over"
+-- the statuses of a run that ended (its outcome is for after)
+local ENDED = { [PANICKED] = true, [DELIVER] = true, [DONE_GONE] = true,
+                [PANICKED_GONE] = true }
 
 function join(self, st, c, ref, skey, retake, opts, fn, ...)
   if opts == nil then -- not known yet (false: none)
@@ -497,7 +503,7 @@ function join(self, st, c, ref, skey, retake, opts, fn, ...)
     st, a, b, d, c = retake(self, skey, fn, ...)
     if st == DONE then
       return a, b, d
-    elseif st >= PANICKED and st ~= TIERED then
+    elseif ENDED[st] then
       return after(self, skey, fn, retake, st, a, b, d, c, ...)
     end
     c, ref, skey = a, b, d

@@ -28,8 +28,10 @@ local flight, gone, drop_waiter, wait_flight, deliver, lead, call =
       runner.lead, flow.call
 local opts_of, TIMEOUT = flow.opts_of, flow.TIMEOUT
 
-local LEADER, JOINED, FOREIGN, RECURSIVE, PANICKED, DELIVER, DONE_GONE,
-      PANICKED_GONE, TIERED = 0, 1, 2, 5, 6, 7, 9, 10, 8
+local ST = core.ST
+local LEADER, JOINED, FOREIGN, RECURSIVE, PANICKED, DELIVER, DONE_GONE, PANICKED_GONE, TIERED =
+      ST.LEADER, ST.JOINED, ST.FOREIGN, ST.RECURSIVE, ST.PANICKED, ST.DELIVER, ST.DONE_GONE,
+      ST.PANICKED_GONE, ST.TIERED
 
 local Future = { __name = "singleflight.Future" }
 Future.__index = Future

@@ -35,7 +35,9 @@ local traceback = debug.traceback
 local handler, is_panic = panic.handler, panic.is_panic
 local acquire, finish, COUNT = core.acquire, core.finish, core.COUNT
 
-local DONE, PANICKED, DELIVER, DONE_GONE, PANICKED_GONE = 0, 6, 7, 9, 10
+local ST = core.ST
+local DONE, PANICKED, DELIVER, DONE_GONE, PANICKED_GONE =
+      ST.DONE, ST.PANICKED, ST.DELIVER, ST.DONE_GONE, ST.PANICKED_GONE
 
 local M = {}
 local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
@@ -338,7 +340,7 @@ else
   local function runner(flags)
     return function(g, key, fn, ...)
       local st, c, gd, skey, opts = acquire(g, key, fn, "call", flags)
-      if st ~= 0 then
+      if st ~= DONE then
         return st, c, gd, skey, opts
       end
       return lead(g, c, skey, fn, ...)

@@ -83,7 +83,7 @@ local cannot_wait_msg, opts_of = flow.cannot_wait_msg, flow.opts_of
 local TIMEOUT = flow.TIMEOUT
 local ngx_sleep, ngx_log, WARN = ngx.sleep, ngx.log, ngx.WARN
 
-local DONE = 0
+local DONE = core.ST.DONE
 
 -- Seconds. A lock lives LEASE past its last renewal; renewals come every
 -- RENEW, so a worker whose event loop stalls for LEASE - RENEW loses its
