@@ -23,6 +23,7 @@ build = {
   modules = {
     ["singleflight"] = "lua/singleflight/init.lua",
     ["singleflight.backends"] = "lua/singleflight/backends.lua",
+    ["singleflight.codec"] = "lua/singleflight/codec.lua",
     ["singleflight.flow"] = "lua/singleflight/flow.lua",
     ["singleflight.future"] = "lua/singleflight/future.lua",
     ["singleflight.options"] = "lua/singleflight/options.lua",
