@@ -282,8 +282,10 @@ describe("shm across four nginx workers", function()
         first = first + 1
       end
     end
-    -- the callers of the first 0.7 s that led nothing got the first result
-    assert.is_true(first >= 4, first .. " callers answered by the first execution")
+    -- callers in other workers than the one leading the execution that
+    -- took over get the first result (before, it went to its leader only;
+    -- how many depends on which workers the callers landed on)
+    assert.is_true(first >= 1, first .. " callers answered by the first execution")
     local execs = tonumber(shm.book(port, "exec:ageda2"))
     assert.is_true(execs <= 8, execs .. " executions")
   end)
