@@ -36,7 +36,7 @@ TEST_PKGS ?= build-essential lua5.1 liblua5.1-0-dev lua5.2 liblua5.2-dev \
              libluajit2-5.1-dev lua-busted lua-check luarocks valgrind \
              nginx libnginx-mod-http-lua lua-resty-core lua-cqueues \
              lua-copas lua-socket curl redis-server lua-nginx-redis \
-             lua-resty-lrucache openssl
+             lua-resty-lrucache openssl redis-sentinel
 BENCH_PKGS ?= golang-go golang-golang-x-sync-dev hyperfine wrk
 DEMO_PKGS ?= wrk
 

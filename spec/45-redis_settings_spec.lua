@@ -49,6 +49,56 @@ describe("redis settings", function()
       "field 'server_name': non-empty string expected" },
     { "ssl over a unix socket", { ssl = true, path = "/run/redis.sock" },
       "field 'ssl' goes with 'host' and 'port', not 'path'" },
+    { "sentinels not a list", { sentinels = "127.0.0.1:26379", master_name = "m" },
+      "field 'sentinels': non-empty list of { host = string, port = integer } expected, "
+      .. "got \"127.0.0.1:26379\"" },
+    { "sentinels empty", { sentinels = {}, master_name = "m" },
+      "field 'sentinels': non-empty list of { host = string, port = integer } expected, "
+      .. "got an empty table" },
+    { "sentinels with a named field", { sentinels = { { host = "a" }, x = 1 }, master_name = "m" },
+      "field 'sentinels': non-empty list of { host = string, port = integer } expected, "
+      .. "got key \"x\"" },
+    { "a sentinel not a table", { sentinels = { "a:1" }, master_name = "m" },
+      "field 'sentinels[1]': { host = string, port = integer } expected, got \"a:1\"" },
+    { "a sentinel without host", { sentinels = { { host = "a" }, { port = 1 } },
+                                   master_name = "m" },
+      "field 'sentinels[2]': field 'host': non-empty string expected, got nil" },
+    { "a sentinel's bad port", { sentinels = { { host = "a", port = 0 } }, master_name = "m" },
+      "field 'sentinels[1]': field 'port': integer from 1 to 65535 expected, got 0" },
+    { "a sentinel's unknown field", { sentinels = { { host = "a", prot = 1 } },
+                                      master_name = "m" },
+      "field 'sentinels[1]': unknown field \"prot\"" },
+    { "sentinels and host", { sentinels = { { host = "a" } }, master_name = "m", host = "b" },
+      "field 'sentinels' goes without 'host', 'port' and 'path' (the sentinels name the master)" },
+    { "sentinels and path", { sentinels = { { host = "a" } }, master_name = "m", path = "/s" },
+      "field 'sentinels' goes without 'host', 'port' and 'path'" },
+    { "sentinels without master_name", { sentinels = { { host = "a" } } },
+      "field 'sentinels' goes with 'master_name' (the name the sentinels monitor)" },
+    { "master_name without sentinels", { master_name = "m" },
+      "field 'master_name' goes with 'sentinels'" },
+    { "master_name empty", { sentinels = { { host = "a" } }, master_name = "" },
+      "field 'master_name': non-empty string expected" },
+    { "sentinel_password without sentinels", { sentinel_password = "p" },
+      "field 'sentinel_password' goes with 'sentinels'" },
+    { "sentinel_username without sentinel_password",
+      { sentinels = { { host = "a" } }, master_name = "m", sentinel_username = "u" },
+      "field 'sentinel_username' (an ACL user of the sentinels) goes with 'sentinel_password'" },
+    { "sentinel_password not a string",
+      { sentinels = { { host = "a" } }, master_name = "m", sentinel_password = 1 },
+      "field 'sentinel_password': string expected, got 1" },
+    { "cluster not a list", { cluster = true },
+      "field 'cluster': non-empty list of { host = string, port = integer } expected, "
+      .. "got boolean" },
+    { "a cluster node's bad host", { cluster = { { host = 7000 } } },
+      "field 'cluster[1]': field 'host': non-empty string expected, got 7000" },
+    { "cluster and port", { cluster = { { host = "a" } }, port = 7000 },
+      "field 'cluster' goes without 'host', 'port' and 'path' (the cluster's nodes name each "
+      .. "other)" },
+    { "cluster and sentinels", { cluster = { { host = "a" } }, sentinels = { { host = "b" } },
+                                 master_name = "m" },
+      "field 'sentinels' goes without 'cluster'" },
+    { "cluster and a db", { cluster = { { host = "a" } }, db = 1 },
+      "field 'db' goes without 'cluster' (a cluster has database 0 only)" },
   }
   for _, row in ipairs(bad) do
     local what, settings, msg = row[1], row[2], row[3]
@@ -91,6 +141,18 @@ describe("redis settings", function()
                   password = "pw", pool_size = 8, secret = "s" },
                 redis_tier.check({ path = "/run/redis.sock", db = 2, prefix = "app:", lease = 1,
                                    timeout = 0.1, password = "pw", pool_size = 8, secret = "s" }))
+    -- sentinels and cluster nodes: copies, their default ports filled in
+    local sentinels = { { host = "10.0.0.1" }, { host = "10.0.0.2", port = 26380 } }
+    assert.same({ sentinels = { { host = "10.0.0.1", port = 26379 },
+                                { host = "10.0.0.2", port = 26380 } },
+                  master_name = "mymaster", sentinel_password = "w", db = 0,
+                  prefix = "singleflight:", lease = 5, timeout = 0.5 },
+                redis_tier.check({ sentinels = sentinels, master_name = "mymaster",
+                                   sentinel_password = "w" }))
+    assert.same({ { host = "10.0.0.1" }, { host = "10.0.0.2", port = 26380 } }, sentinels)
+    assert.same({ cluster = { { host = "10.0.0.3", port = 6379 } }, db = 0,
+                  prefix = "singleflight:", lease = 5, timeout = 0.5 },
+                redis_tier.check({ cluster = { { host = "10.0.0.3" } } }))
   end)
 
   it("good settings outside OpenResty: an error that says what it needs", function()

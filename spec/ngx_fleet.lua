@@ -44,16 +44,31 @@ end
 
 -- One fleet handle per worker and settings (?rport or ?rpath, ?prefix,
 -- ?lease, ?password, ?timeout, ?db, ?secret, ?pool_size, ?username, ?ssl=1|0,
--- ?server_name), for the group ?group (a
+-- ?server_name; ?sentinels=host:port,... with ?master_name and
+-- ?sentinel_password; ?cluster=host:port,...), for the group ?group (a
 -- named group's name; none: the groups of singleflight.new) over this
 -- instance's lua_shared_dict fleet_spec.
 local fleets, prefixes = {}, {}
+
+-- "host:port,host:port" as a list of nodes, or nil.
+local function nodes(list)
+  if not list then
+    return nil
+  end
+  local t = {}
+  for host, port in list:gmatch("([^,:]+):(%d+)") do
+    t[#t + 1] = { host = host, port = tonumber(port) }
+  end
+  return t
+end
 
 local function fleet_of(args)
   local id = concat({ args.rport or "", args.rpath or "", args.prefix or "", args.lease or "",
                       args.password or "", args.timeout or "", args.db or "", args.secret or "",
                       args.group or "", args.pool_size or "", args.username or "",
-                      args.ssl or "", args.server_name or "" }, "|")
+                      args.ssl or "", args.server_name or "", args.sentinels or "",
+                      args.master_name or "", args.sentinel_password or "",
+                      args.cluster or "" }, "|")
   local f = fleets[id]
   if not f then
     f = redis_tier.new({
@@ -61,6 +76,8 @@ local function fleet_of(args)
       lease = tonumber(args.lease), password = args.password, timeout = tonumber(args.timeout),
       db = tonumber(args.db), secret = args.secret, pool_size = tonumber(args.pool_size),
       username = args.username, ssl = args.ssl and args.ssl == "1", server_name = args.server_name,
+      sentinels = nodes(args.sentinels), master_name = args.master_name,
+      sentinel_password = args.sentinel_password, cluster = nodes(args.cluster),
     }, { shm = "fleet_spec", group = args.group })
     fleets[id] = f
     prefixes[f] = args.prefix or "singleflight:"
@@ -129,21 +146,25 @@ end
 -- does and returns ?value. The group: singleflight.group(?group, o) if
 -- ?group is given, else singleflight.new(o), with ?wait as its timeout,
 -- ?on_timeout, and the Redis settings ?rport, ?prefix, ?lease (default 1),
--- ?secret, ?pool_size.
+-- ?secret, ?pool_size, ?sentinels with ?gmaster (master_name) and
+-- ?gsentinel_password, ?cluster.
 local singleflight = require "singleflight"
 local groups = {}
 
 local function group_of(args)
   local id = concat({ args.rport or "", args.prefix or "", args.group or "", args.wait or "",
                       args.on_timeout or "", args.lease or "", args.secret or "",
-                      args.pool_size or "" }, "|")
+                      args.pool_size or "", args.sentinels or "", args.gmaster or "",
+                      args.gsentinel_password or "", args.cluster or "" }, "|")
   local g = groups[id]
   if not g then
     local o = {
       shm = "fleet_group", timeout = tonumber(args.wait), on_timeout = args.on_timeout,
       redis = { port = tonumber(args.rport), prefix = args.prefix,
                 lease = tonumber(args.lease) or 1, secret = args.secret,
-                pool_size = tonumber(args.pool_size) },
+                pool_size = tonumber(args.pool_size), sentinels = nodes(args.sentinels),
+                master_name = args.gmaster, sentinel_password = args.gsentinel_password,
+                cluster = nodes(args.cluster) },
     }
     if args.group then
       g = singleflight.group(args.group, o)

@@ -6,7 +6,10 @@
 -- opts.unixsocket adds a unix socket (server.path), opts.config is a list of
 -- more settings ({ "maxmemory 64mb", ... }); opts.tls adds a TLS port
 -- (server.tls_port, a self-signed certificate for CN redis.test made by
--- openssl) beside the plain one.
+-- openssl) beside the plain one; opts.sentinel = { name =, port = the
+-- master's, quorum = 1, password = the master's } makes it a Redis Sentinel
+-- monitoring that master (down after 1 s, failover timeout 3 s), opts.password
+-- then its own requirepass.
 -- It returns { port, command(...), command_in(db, ...), stop([how]), start(),
 -- freeze([false]), close() }: command sends one command over a plain socket and returns the
 -- reply (errors as { err = msg }); stop ends the server (SHUTDOWN NOSAVE, or
@@ -71,7 +74,7 @@ local function any_alive(pids)
   return false
 end
 
-local function free_port()
+function M.free_port()
   local s = assert(socket.bind("127.0.0.1", 0))
   local _, port = s:getsockname()
   s:close()
@@ -97,6 +100,23 @@ function M.find()
   end
   found.redis_server = server
   return found
+end
+
+--- True, with a pending spec named `title` saying why, when the specs
+-- can't run here: no nginx or redis-server, or (`also`) no file also[1]
+-- (also[2] says what it is).
+function M.unusable(title, also)
+  local found, why = M.find()
+  if found and also and not exists(also[1]) then
+    found, why = nil, also[2]
+  end
+  if found then
+    return false
+  end
+  describe(title, function()
+    pending("what the specs need (" .. why .. ")")
+  end)
+  return true
 end
 
 ---------------------------------------------------------------------------
@@ -201,6 +221,17 @@ function M.open_all(instances, per, path)
   return conns
 end
 
+--- Asserts that every answer came (200) with the value `value` (default
+-- "v", what ngx_fleet's fn returns); returns the answers.
+function M.answered(answers, value)
+  local check = require "luassert"
+  for _, a in ipairs(answers) do
+    check.equal(200, a.status, a.raw or a.body)
+    check.equal(value or "v", a.fields.value, a.body)
+  end
+  return answers
+end
+
 ---------------------------------------------------------------------------
 -- redis-server
 
@@ -211,7 +242,7 @@ function M.redis(opts)
     return nil, why
   end
   local dir = tempdir("redis")
-  local server = { port = free_port(), dir = dir, password = opts.password }
+  local server = { port = M.free_port(), dir = dir, password = opts.password }
   if opts.tls then
     local made, msg = sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1"
                          .. " -nodes -days 2 -subj /CN=redis.test"
@@ -222,7 +253,7 @@ function M.redis(opts)
       return nil, "openssl could not make a certificate: " .. msg
     end
     assert(sh("chmod 0644 " .. quote(dir .. "/key.pem")))
-    server.tls_port = free_port()
+    server.tls_port = M.free_port()
   end
   if opts.unixsocket then
     server.path = dir .. "/redis.sock"
@@ -247,10 +278,28 @@ function M.redis(opts)
     return pid
   end
 
+  local conf_file = dir .. "/sentinel.conf"
+  if opts.sentinel then
+    local sn = opts.sentinel
+    local lines = {
+      "sentinel monitor " .. sn.name .. " 127.0.0.1 " .. sn.port .. " " .. (sn.quorum or 1),
+      "sentinel down-after-milliseconds " .. sn.name .. " 1000",
+      "sentinel failover-timeout " .. sn.name .. " 3000",
+      "sentinel parallel-syncs " .. sn.name .. " 1",
+    }
+    if sn.password then
+      lines[#lines + 1] = "sentinel auth-pass " .. sn.name .. " " .. sn.password
+    end
+    local f = assert(io.open(conf_file, "w"))
+    f:write(table.concat(lines, "\n"), "\n")
+    f:close()
+  end
+
   function server.start()
     local args = {
-      quote(found.redis_server), "--bind 127.0.0.1", "--port", server.port,
-      "--save ''", "--appendonly no", "--daemonize yes",
+      quote(found.redis_server), opts.sentinel and quote(conf_file) .. " --sentinel" or "",
+      "--bind 127.0.0.1", "--port", server.port,
+      opts.sentinel and "" or "--save '' --appendonly no", "--daemonize yes",
       "--dir", quote(dir), "--pidfile", quote(dir .. "/redis.pid"),
       "--logfile", quote(dir .. "/redis.log"),
     }
@@ -323,6 +372,104 @@ function M.redis(opts)
 end
 
 ---------------------------------------------------------------------------
+-- A Redis Cluster
+
+--- A cluster of n masters (3 by default) and no replicas, made with
+-- redis-cli --cluster create: { nodes = { server, ... } (as redis()
+-- returns, each with id = its node id), seeds = "127.0.0.1:port,...",
+-- slot(name) (a key's or channel's slot), owner(slot) (the node serving
+-- it), migrate(slot, to) (moves the slot and its keys to node `to`),
+-- close() }, or nil, why.
+function M.cluster(n)
+  local found, why = M.find()
+  if not found then
+    return nil, why
+  end
+  local cli = found.redis_server:gsub("redis%-server$", "redis-cli")
+  if not exists(cli) then
+    return nil, "redis-cli is not installed (Debian's redis-tools)"
+  end
+  local c = { nodes = {} }
+  local addrs = {}
+
+  function c.close()
+    for _, node in ipairs(c.nodes) do
+      node.close()
+    end
+  end
+
+  for i = 1, n or 3 do
+    local node, err = M.redis { config = { "cluster-enabled yes", "cluster-node-timeout 2000",
+                                           "cluster-config-file nodes.conf" } }
+    if not node then
+      c.close()
+      return nil, err
+    end
+    c.nodes[i] = node
+    node.id = node.command("CLUSTER", "MYID")
+    addrs[i] = "127.0.0.1:" .. node.port
+  end
+  c.seeds = table.concat(addrs, ",")
+  local ok, out = sh(quote(cli) .. " --cluster create " .. table.concat(addrs, " ")
+                     .. " --cluster-replicas 0 --cluster-yes")
+  if not ok then
+    c.close()
+    return nil, "redis-cli --cluster create failed: " .. out
+  end
+  for _ = 1, 400 do
+    local all = true
+    for _, node in ipairs(c.nodes) do
+      local info = node.command("CLUSTER", "INFO")
+      if type(info) ~= "string" or not info:find("cluster_state:ok", 1, true) then
+        all = false
+      end
+    end
+    if all then
+      break
+    end
+    socket.sleep(0.025)
+  end
+
+  function c.slot(name)
+    return c.nodes[1].command("CLUSTER", "KEYSLOT", name)
+  end
+
+  function c.owner(slot)
+    for _, r in ipairs(c.nodes[1].command("CLUSTER", "SLOTS")) do
+      if slot >= r[1] and slot <= r[2] then
+        for _, node in ipairs(c.nodes) do
+          if node.port == tonumber(r[3][2]) then
+            return node
+          end
+        end
+      end
+    end
+  end
+
+  function c.migrate(slot, to)
+    local from = c.owner(slot)
+    assert(to.command("CLUSTER", "SETSLOT", slot, "IMPORTING", from.id) == "OK")
+    assert(from.command("CLUSTER", "SETSLOT", slot, "MIGRATING", to.id) == "OK")
+    local keys = from.command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+    if #keys > 0 then
+      local res = from.command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS",
+                               (table.unpack or unpack)(keys))
+      assert(res == "OK", "MIGRATE: " .. tostring(type(res) == "table" and res.err or res))
+    end
+    for _, node in ipairs { to, from } do
+      assert(node.command("CLUSTER", "SETSLOT", slot, "NODE", to.id) == "OK")
+    end
+    for _, node in ipairs(c.nodes) do
+      if node ~= to and node ~= from then
+        node.command("CLUSTER", "SETSLOT", slot, "NODE", to.id)
+      end
+    end
+  end
+
+  return c
+end
+
+---------------------------------------------------------------------------
 -- nginx instances
 
 local CONF = [[
@@ -372,7 +519,7 @@ local function instance(found, name, count_file, opts)
   local prefix = tempdir("fleet")
   assert(sh("mkdir -p " .. quote(prefix) .. "/conf " .. quote(prefix) .. "/logs "
             .. quote(prefix) .. "/tmp"))
-  local port = free_port()
+  local port = M.free_port()
   local lpath = table.concat({
     found.root .. "/lua/?.lua", found.root .. "/lua/?/init.lua",
     found.root .. "/spec/?.lua", "/usr/share/lua/5.1/?.lua",

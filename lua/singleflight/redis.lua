@@ -1,5 +1,6 @@
 --- singleflight.redis: one execution per key across a fleet of OpenResty
--- instances that share a Redis server (Redis 6 and later).
+-- instances that share a Redis server (Redis 6 and later), the master that
+-- Redis Sentinels name, or a Redis Cluster (Redis 7: sharded pub/sub).
 --
 -- The tier above (one caller per instance and key reaches it) calls
 --
@@ -55,10 +56,10 @@
 -- channel too, between its renewals.
 
 local error, pairs, setmetatable, tostring, type = error, pairs, setmetatable, tostring, type
-local pcall, require, rawget, tonumber = pcall, require, rawget, tonumber
+local ipairs, pcall, require, rawget, tonumber = ipairs, pcall, require, rawget, tonumber
 local ceil, floor, huge, max, min = math.ceil, math.floor, math.huge, math.max, math.min
-local byte, find, format, gsub, ssub = string.byte, string.find, string.format, string.gsub,
-                                       string.sub
+local byte, find, format, gsub, match, ssub = string.byte, string.find, string.format,
+                                              string.gsub, string.match, string.sub
 local concat = table.concat
 local open = io.open
 
@@ -87,7 +88,12 @@ local FIELDS = {
   host = "string", path = "string", password = "string", prefix = "string", secret = "string",
   port = "port", db = "index", pool_size = "count", lease = "seconds", timeout = "seconds",
   username = "string", ssl = "boolean", ssl_verify = "boolean", server_name = "string",
+  sentinels = "nodes", master_name = "string", sentinel_password = "string",
+  sentinel_username = "string", cluster = "nodes",
 }
+
+-- The port of a node listed without one: a sentinel's, a cluster node's.
+local NODE_PORT = { sentinels = 26379, cluster = 6379 }
 
 local function describe(v)
   if type(v) == "string" then
@@ -101,6 +107,49 @@ end
 local function is_integer(v)
   return type(v) == "number" and v == floor(v) and v ~= huge and v ~= -huge
 end
+
+-- A list of nodes ({ host = string, port = integer }, ...) checked: a
+-- fresh copy with the default port filled in, or nil and why.
+local function nodes(k, v)
+  local want = "non-empty list of { host = string, port = integer } expected, got "
+  if type(v) ~= "table" or v[1] == nil then
+    return nil, format("field '%s': %s%s", k, want, type(v) == "table" and "an empty table"
+                                                     or describe(v))
+  end
+  local n = #v
+  for i in pairs(v) do
+    if not is_integer(i) or i < 1 or i > n then
+      return nil, format("field '%s': %skey %s", k, want, describe(i))
+    end
+  end
+  local out = {}
+  for i = 1, n do
+    local e, at = v[i], format("field '%s[%d]'", k, i)
+    if type(e) ~= "table" then
+      return nil, format("%s: { host = string, port = integer } expected, got %s", at,
+                         describe(e))
+    end
+    for f in pairs(e) do
+      if f ~= "host" and f ~= "port" then
+        return nil, format("%s: unknown field %s", at, describe(f))
+      end
+    end
+    if type(e.host) ~= "string" or e.host == "" then
+      return nil, format("%s: field 'host': non-empty string expected, got %s", at,
+                         describe(e.host))
+    end
+    local port = e.port == nil and NODE_PORT[k] or e.port
+    if not (is_integer(port) and port >= 1 and port <= 65535) then
+      return nil, format("%s: field 'port': integer from 1 to 65535 expected, got %s", at,
+                         describe(port))
+    end
+    out[i] = { host = e.host, port = port }
+  end
+  return out
+end
+
+-- The fields that go with `sentinels` only.
+local SENTINEL_ONLY = { "master_name", "sentinel_password", "sentinel_username" }
 
 local function checked(settings, fname, level)
   local function bad(msg)
@@ -126,6 +175,13 @@ local function checked(settings, fname, level)
       ok, want = is_integer(v) and v >= 0, "non-negative integer"
     elseif kind == "count" then
       ok, want = is_integer(v) and v >= 1, "positive integer"
+    elseif kind == "nodes" then
+      local why
+      v, why = nodes(k, v)
+      if not v then
+        bad(why)
+      end
+      ok = true
     else
       ok, want = type(v) == "number" and v > 0 and v < huge, "positive number of seconds"
     end
@@ -136,6 +192,30 @@ local function checked(settings, fname, level)
   end
   if s.path and (s.host or s.port) then
     bad("field 'path' (a unix socket) goes without 'host' and 'port'")
+  end
+  for _, k in pairs { "sentinels", "cluster" } do
+    if s[k] and (s.host or s.port or s.path) then
+      bad(format("field '%s' goes without 'host', 'port' and 'path' (%s)", k,
+                 k == "sentinels" and "the sentinels name the master"
+                 or "the cluster's nodes name each other"))
+    end
+  end
+  if s.sentinels and s.cluster then
+    bad("field 'sentinels' goes without 'cluster'")
+  end
+  if s.sentinels and not s.master_name then
+    bad("field 'sentinels' goes with 'master_name' (the name the sentinels monitor)")
+  end
+  for _, k in pairs(SENTINEL_ONLY) do
+    if s[k] ~= nil and not s.sentinels then
+      bad(format("field '%s' goes with 'sentinels'", k))
+    end
+  end
+  if s.sentinel_username and not s.sentinel_password then
+    bad("field 'sentinel_username' (an ACL user of the sentinels) goes with 'sentinel_password'")
+  end
+  if s.cluster and s.db and s.db ~= 0 then
+    bad("field 'db' goes without 'cluster' (a cluster has database 0 only)")
   end
   if s.username and not s.password then
     bad("field 'username' (an ACL user) goes with 'password'")
@@ -148,7 +228,8 @@ local function checked(settings, fname, level)
   if s.ssl and s.path then
     bad("field 'ssl' goes with 'host' and 'port', not 'path'")
   end
-  for _, k in pairs { "path", "host", "secret", "username", "server_name" } do
+  for _, k in pairs { "path", "host", "secret", "username", "server_name", "master_name",
+                      "sentinel_username" } do
     if s[k] == "" then
       bad(format("field '%s': non-empty string expected, got \"\"", k))
     end
@@ -158,7 +239,7 @@ local function checked(settings, fname, level)
       s[k] = v
     end
   end
-  if not s.path then
+  if not (s.path or s.sentinels or s.cluster) then
     s.host, s.port = s.host or "127.0.0.1", s.port or 6379
   end
   s.db = s.db or 0
@@ -247,7 +328,15 @@ return 1
 ]],
 }
 
-local SHA = {}
+-- The scripts for a cluster: the channel of a call is a shard channel of
+-- its slot (SPUBLISH, Redis 7).
+local SHARDED = {}
+for name, src in pairs(SCRIPTS) do
+  SHARDED[name] = (gsub(src, "'PUBLISH'", "'SPUBLISH'"))
+end
+
+-- Their SHA1s (none where nginx has no ngx.sha1_bin: EVAL then).
+local SHA, SHARDED_SHA = {}, {}
 
 local function hex(bin)
   return (gsub(bin, ".", function(c) return format("%02x", byte(c)) end))
@@ -269,6 +358,7 @@ local function load_env()
   semaphore = require "ngx.semaphore"
   for name, src in pairs(SCRIPTS) do
     SHA[name] = ngx.sha1_bin and hex(ngx.sha1_bin(src)) or false
+    SHARDED_SHA[name] = ngx.sha1_bin and hex(ngx.sha1_bin(SHARDED[name])) or false
   end
 end
 
@@ -386,15 +476,15 @@ local function ask(sock, ...)
   return read_reply(sock)
 end
 
--- Servers whose eviction policy this worker asked about.
+-- Servers whose eviction policy this worker asked about, by address.
 local policy_asked = {}
 
 -- Warns (once per worker and server) when the server may evict keys: every
 -- key of the protocol has an expiry, so any policy but noeviction, with a
 -- maxmemory, may drop a running call's lease, and another instance then
 -- runs the call again. A server that refuses CONFIG is left alone.
-local function ask_policy(self, sock)
-  policy_asked[self.where] = true
+local function ask_policy(self, sock, node)
+  policy_asked[node.addr] = true
   self.counts.commands = self.counts.commands + 1
   local res = ask(sock, "CONFIG", "GET", "maxmemory*")
   if type(res) ~= "table" then
@@ -406,24 +496,44 @@ local function ask_policy(self, sock)
   end
   local policy, limit = conf["maxmemory-policy"], tonumber(conf.maxmemory)
   if policy and policy ~= "noeviction" and limit and limit > 0 then
-    ngx.log(ngx.WARN, "singleflight: redis at ", self.where, " evicts keys (maxmemory ", limit,
+    ngx.log(ngx.WARN, "singleflight: redis at ", node.addr, " evicts keys (maxmemory ", limit,
             ", maxmemory-policy ", policy, "): under memory pressure it may drop the lease of ",
             "a running call, which another instance then runs again; noeviction keeps them")
   end
 end
 
--- A new connection's AUTH (and SELECT, unless `subscriber`): true, or nil, why.
+-- AUTH, as `user` if given: true, or nil, why.
+local function auth(self, sock, user, password)
+  self.counts.commands = self.counts.commands + 1
+  local ok, err
+  if user then
+    ok, err = ask(sock, "AUTH", user, password)
+  else
+    ok, err = ask(sock, "AUTH", password)
+  end
+  if not ok then
+    return nil, "auth: " .. tostring(err)
+  end
+  return true
+end
+
+-- A new connection's AUTH, ROLE (behind sentinels: the server must be a
+-- master) and SELECT (unless `subscriber`): true, or nil, why.
 local function greet(self, sock, subscriber)
   local ok, err
   if self.password then
-    self.counts.commands = self.counts.commands + 1
-    if self.username then
-      ok, err = ask(sock, "AUTH", self.username, self.password)
-    else
-      ok, err = ask(sock, "AUTH", self.password)
-    end
+    ok, err = auth(self, sock, self.username, self.password)
     if not ok then
-      return nil, "auth: " .. tostring(err)
+      return nil, err
+    end
+  end
+  if self.sentinels then
+    self.counts.commands = self.counts.commands + 1
+    local role
+    role, err = ask(sock, "ROLE")
+    if type(role) ~= "table" or role[1] ~= "master" then
+      return nil, "role: " .. tostring(type(role) == "table" and role[1] or err)
+                  .. ", not master"
     end
   end
   if self.db ~= 0 and not subscriber then
@@ -436,90 +546,404 @@ local function greet(self, sock, subscriber)
   return true
 end
 
--- A connection to the server, ready for commands (from the pool: at most
--- pool_size of the worker's are open at a time, a caller beyond them waits
--- its turn) or, `subscriber`, a new one for the listener; and whether it
--- was used before; or nil, why.
-local function connect(self, subscriber)
-  local sock = ngx.socket.tcp()
-  sock:settimeout(self.timeout_ms)
-  local opts = subscriber and self.listen_opts or self.connect_opts
-  local ok, err
-  if self.path then
-    ok, err = sock:connect("unix:" .. self.path, opts)
-  else
-    ok, err = sock:connect(self.host, self.port, opts)
-  end
-  if not ok then
-    return nil, "connect: " .. tostring(err)
-  end
-  local reused = (sock:getreusedtimes() or 0) > 0
-  if not reused then
-    if self.ssl then
-      ok, err = sock:sslhandshake(nil, self.server_name, self.ssl_verify)
-      if not ok then
-        sock:close()
-        return nil, "ssl: " .. tostring(err)
-      end
-    end
-    ok, err = greet(self, sock, subscriber)
-    if not ok then
-      sock:close()
-      return nil, err
-    end
-    if not subscriber and not policy_asked[self.where] then
-      ask_policy(self, sock)
-    end
-  end
-  return sock, nil, reused
-end
-
 local function keep(self, sock)
   if not sock:setkeepalive(self.idle_ms) then
     sock:close()
   end
 end
 
--- Runs a script; the reply or nil, why (the connection then closed) and
--- whether the connection failed (rather than Redis answering an error).
+-- A node: { host =, port = } or { path = }, and addr, its text.
+local function node_at(host, port)
+  return { host = host, port = port, addr = host .. ":" .. port }
+end
+
+-- Connects to `node` through the pool of `opts` (TLS if the settings say
+-- so): the connection and whether it was used before, or nil, why.
+local function dial(self, node, opts)
+  local sock = ngx.socket.tcp()
+  sock:settimeout(self.timeout_ms)
+  local ok, err
+  if node.path then
+    ok, err = sock:connect("unix:" .. node.path, opts)
+  else
+    ok, err = sock:connect(node.host, node.port, opts)
+  end
+  if not ok then
+    -- (the one server is named by the log line already)
+    return nil, (node == self.node and "connect: " or "connect to " .. node.addr .. ": ")
+                .. tostring(err)
+  end
+  local reused = (sock:getreusedtimes() or 0) > 0
+  if self.ssl and not reused then
+    ok, err = sock:sslhandshake(nil, self.server_name, self.ssl_verify)
+    if not ok then
+      sock:close()
+      return nil, "ssl: " .. tostring(err)
+    end
+  end
+  return sock, nil, reused
+end
+
+-- The pools of a node: for commands (at most pool_size connections open,
+-- the callers beyond them queued) and for the listener.
+local function pools_of(self, node)
+  local p = self.pools[node.addr]
+  if not p then
+    local id = self.pool_id .. "@" .. node.addr
+    p = { { pool = id, pool_size = self.pool_size, backlog = BACKLOG },
+          { pool = id .. ":listener" } }
+    self.pools[node.addr] = p
+  end
+  return p
+end
+
+---------------------------------------------------------------------------
+-- Sentinels: the master is the one they name, asked at first use and again
+-- after a failure (a master that moved refuses connections, answers
+-- READONLY, or says ROLE slave)
+
+-- The master each set of sentinels named last (this worker's), by
+-- sentinels, master name and credentials.
+local masters = {}
+
+-- Asks the sentinels in turn, starting with the one that answered last,
+-- where the master is: a node, or nil, why.
+local function ask_sentinels(self)
+  local list, why = self.sentinels, "no sentinel answered"
+  local first = self.sentinel_first
+  for j = 0, #list - 1 do
+    local i = (first + j - 1) % #list + 1
+    local sn = list[i]
+    local sock, err, reused = dial(self, sn, sn.opts)
+    local res
+    if sock and self.sentinel_password and not reused then
+      res, err = auth(self, sock, self.sentinel_username, self.sentinel_password)
+      if not res then
+        sock:close()
+        sock = nil
+      end
+    end
+    if sock then
+      self.counts.commands = self.counts.commands + 1
+      res, err = ask(sock, "SENTINEL", "get-master-addr-by-name", self.master_name)
+      if res == nil then
+        sock:close()
+      else
+        keep(self, sock)
+      end
+    end
+    if type(res) == "table" and type(res[1]) == "string" and tonumber(res[2]) then
+      self.sentinel_first = i
+      return node_at(res[1], tonumber(res[2]))
+    end
+    why = "sentinel " .. sn.addr .. ": " .. (res == false and not err
+      and format("knows no master %q", self.master_name) or tostring(err))
+  end
+  return nil, why
+end
+
+local function master_of(self)
+  local m = masters[self.sentinel_id]
+  if m then
+    return m
+  end
+  local err
+  m, err = ask_sentinels(self)
+  if m then
+    masters[self.sentinel_id] = m
+  end
+  return m, err
+end
+
+-- The sentinels are asked again at the next connection (if `m` is still
+-- the master known, or whatever it is without `m`).
+local function forget_master(self, m)
+  if self.sentinels and (m == nil or masters[self.sentinel_id] == m) then
+    masters[self.sentinel_id] = nil
+  end
+end
+
+---------------------------------------------------------------------------
+-- Cluster: the slot map, read with CLUSTER SLOTS at first use and again
+-- after a MOVED reply or a node that could not be reached
+
+local SLOTS = 16384
+-- Redirections one command follows.
+local MAX_REDIRECTS = 5
+-- Seconds between two reads of the map that failed.
+local MAP_RETRY = 0.2
+
+-- This worker's slot maps, by seed nodes and credentials: { slots = { [slot]
+-- = node } or nil, nodes = { [addr] = node }, stale, busy, retry_at }.
+local maps = {}
+
+local band, bxor, lshift, rshift
+local crc_table
+
+-- CRC16 (XMODEM), Redis Cluster's key hash.
+local function crc16(s)
+  if not crc_table then
+    local bit = require "bit"
+    band, bxor, lshift, rshift = bit.band, bit.bxor, bit.lshift, bit.rshift
+    crc_table = {}
+    for i = 0, 255 do
+      local c = lshift(i, 8)
+      for _ = 1, 8 do
+        c = band(band(c, 0x8000) ~= 0 and bxor(lshift(c, 1), 0x1021) or lshift(c, 1), 0xffff)
+      end
+      crc_table[i] = c
+    end
+  end
+  local crc = 0
+  for i = 1, #s do
+    crc = band(bxor(lshift(crc, 8), crc_table[bxor(rshift(crc, 8), byte(s, i))]), 0xffff)
+  end
+  return crc
+end
+
+-- The slot of a key or shard channel: its hash tag's, if it has one.
+local function slot_of(key)
+  local a = find(key, "{", 1, true)
+  local b = a and find(key, "}", a + 1, true)
+  if b and b > a + 1 then
+    key = ssub(key, a + 1, b - 1)
+  end
+  return crc16(key) % SLOTS
+end
+
+-- The node of an address as the map knows it.
+local function map_node(map, host, port)
+  local addr = host .. ":" .. port
+  local n = map.nodes[addr]
+  if not n then
+    n = node_at(host, port)
+    map.nodes[addr] = n
+  end
+  return n
+end
+
+local connect
+
+-- The map from CLUSTER SLOTS of `node`, or nil, why.
+local function slots_of(self, map, node)
+  local sock, err = connect(self, false, node)
+  if not sock then
+    return nil, err
+  end
+  self.counts.commands = self.counts.commands + 1
+  local res
+  res, err = ask(sock, "CLUSTER", "SLOTS")
+  if res == nil then
+    sock:close()
+  else
+    keep(self, sock)
+  end
+  if type(res) ~= "table" or #res == 0 then
+    return nil, "cluster slots: " .. tostring(err or "no slot served")
+  end
+  local slots = {}
+  for _, r in ipairs(res) do
+    local lo, hi, m = tonumber(r[1]), tonumber(r[2]), r[3]
+    if lo and hi and type(m) == "table" and tonumber(m[2]) then
+      local host = m[1]
+      if type(host) ~= "string" or host == "" or host == "?" then
+        host = node.host -- the node asked
+      end
+      local n = map_node(map, host, tonumber(m[2]))
+      for slot = lo, min(hi, SLOTS - 1) do
+        slots[slot] = n
+      end
+    end
+  end
+  return slots
+end
+
+-- Reads the map from the first node that gives it: the nodes known, then
+-- the seeds. True, or nil, why.
+local function refresh(self, map)
+  local tried, why = {}, "no node answered"
+  local todo = {}
+  for _, n in pairs(map.nodes) do
+    todo[#todo + 1] = n
+  end
+  for _, n in ipairs(self.cluster) do
+    todo[#todo + 1] = n
+  end
+  for _, n in ipairs(todo) do
+    if not tried[n.addr] then
+      tried[n.addr] = true
+      local slots, err = slots_of(self, map, n)
+      if slots then
+        map.slots, map.stale = slots, false
+        return true
+      end
+      why = err
+    end
+  end
+  return nil, why
+end
+
+-- The node that serves `key`'s slot, or nil, why.
+local function node_for(self, key)
+  local map = self.map
+  if (map.stale or not map.slots) and clock() >= map.retry_at then
+    if not map.busy then
+      map.busy = true
+      local ok, err = refresh(self, map)
+      map.busy = false
+      if not ok then
+        map.retry_at = clock() + MAP_RETRY
+        if not map.slots then
+          return nil, err
+        end
+      end
+    else -- another call of the worker reads it: wait for it
+      local by = clock() + 2 * self.timeout_ms / 1000
+      while map.busy and not map.slots and clock() < by do
+        ngx.sleep(0.005)
+      end
+    end
+  end
+  local slot = slot_of(key)
+  local n = map.slots and map.slots[slot]
+  if not n then
+    return nil, "cluster: no node serves slot " .. slot
+  end
+  return n
+end
+
+-- A redirection's kind ("MOVED" or "ASK"), slot and node, from an error
+-- reply; or nil.
+local function redirection(self, reply)
+  local kind, slot, host, port = match(reply or "", "^(%u+) (%d+) (%S*):(%d+)$")
+  if kind ~= "MOVED" and kind ~= "ASK" then
+    return nil
+  end
+  return kind, tonumber(slot), map_node(self.map, host, tonumber(port))
+end
+
+---------------------------------------------------------------------------
+-- Commands
+
+-- A connection ready for commands (from the pool: at most pool_size of the
+-- worker's are open at a time per server, a caller beyond them waits its
+-- turn) or, `subscriber`, a new one for the listener; and whether it was
+-- used before; or nil, why. To `node` (a cluster's), or to the server:
+-- behind sentinels, the master they name (asked again once if it cannot be
+-- reached or is no master).
+function connect(self, subscriber, node)
+  for attempt = 1, 2 do
+    local n, err = node
+    if not n then
+      if self.sentinels then
+        n, err = master_of(self)
+        if not n then
+          return nil, err
+        end
+      else
+        n = self.node
+      end
+    end
+    local pools = pools_of(self, n)
+    local sock, reused
+    sock, err, reused = dial(self, n, subscriber and pools[2] or pools[1])
+    if sock and not reused then
+      local ok
+      ok, err = greet(self, sock, subscriber)
+      if not ok then
+        sock:close()
+        sock = nil
+      elseif not subscriber and not policy_asked[n.addr] then
+        ask_policy(self, sock, n)
+      end
+    end
+    if sock then
+      return sock, nil, reused
+    end
+    if node or not self.sentinels or attempt == 2 then
+      return nil, err
+    end
+    forget_master(self, n)
+  end
+end
+
+-- Runs a script; the reply or nil, why (the connection then closed if it
+-- failed), whether the connection failed (rather than Redis answering an
+-- error), and Redis's error.
 local function run(self, sock, name, nkeys, ...)
   self.counts.commands = self.counts.commands + 1
   local res, err
-  local sha = SHA[name]
+  local sha, src = self.shas[name], self.scripts[name]
   if sha then
     res, err = ask(sock, "EVALSHA", sha, nkeys, ...)
     if res == false and err and find(err, "NOSCRIPT", 1, true) then
       self.counts.commands = self.counts.commands + 1
-      res, err = ask(sock, "EVAL", SCRIPTS[name], nkeys, ...)
+      res, err = ask(sock, "EVAL", src, nkeys, ...)
     end
   else
-    res, err = ask(sock, "EVAL", SCRIPTS[name], nkeys, ...)
+    res, err = ask(sock, "EVAL", src, nkeys, ...)
   end
   if not res then
-    sock:close()
-    return nil, name .. ": " .. tostring(err), res == nil
+    if res == nil then
+      sock:close()
+    else
+      keep(self, sock)
+    end
+    return nil, name .. ": " .. tostring(err), res == nil, err
   end
   return res
 end
 
--- Runs a script on a connection of its own from the pool: the reply, or
--- nil, why, and true if the script may have run all the same (it was sent).
--- A pooled connection that the server closed meanwhile (Redis restarted)
--- gets one retry on a new one: the scripts may run twice.
+-- Runs a script on a connection of its own from the pool (in a cluster,
+-- the pool of the node that serves its first key, following MOVED and ASK
+-- replies): the reply, or nil, why, and true if the script may have run
+-- all the same (it was sent). A pooled connection that the server closed
+-- meanwhile (Redis restarted) gets one retry on a new one: the scripts may
+-- run twice.
 local function call(self, name, nkeys, ...)
-  for attempt = 1, 2 do
-    local sock, err, reused = connect(self)
-    if not sock then
-      return nil, err, attempt > 1
+  local node, asking, redirects, retried = nil, false, 0, false
+  if self.cluster then
+    local why
+    node, why = node_for(self, (...))
+    if not node then
+      return nil, why, false
     end
-    local res, broken
-    res, err, broken = run(self, sock, name, nkeys, ...)
+  end
+  while true do
+    local sock, err, reused = connect(self, false, node)
+    local res, broken, reply
+    if not sock then
+      if self.cluster then
+        self.map.stale = true
+      end
+      return nil, err, redirects > 0 or retried
+    end
+    if asking then
+      self.counts.commands = self.counts.commands + 1
+      res, err = ask(sock, "ASKING")
+      if not res then
+        sock:close()
+        return nil, "asking: " .. tostring(err), true
+      end
+    end
+    res, err, broken, reply = run(self, sock, name, nkeys, ...)
     if res then
       keep(self, sock)
       return res
     end
-    if attempt == 2 or not (reused and broken) or find(err, "timeout", 1, true) then
+    local kind, slot, target
+    if self.cluster and not broken then
+      kind, slot, target = redirection(self, reply)
+    end
+    if kind and redirects < MAX_REDIRECTS then
+      redirects, node, asking = redirects + 1, target, kind == "ASK"
+      if kind == "MOVED" then
+        self.map.slots[slot], self.map.stale = target, true
+      end
+    elseif retried or not (reused and broken) or find(err, "timeout", 1, true) then
       return nil, err, true
+    else
+      retried = true
     end
   end
 end
@@ -541,6 +965,14 @@ end
 -- thread sends SUBSCRIBE and UNSUBSCRIBE as channels are wanted and no
 -- longer wanted. A caller that went away without leaving (its request
 -- killed) is dropped once it is past its `due` time.
+--
+-- In a cluster, a channel is a shard channel of its call's slot
+-- (SSUBSCRIBE): each worker has a listener per node that serves channels
+-- it waits on, and sends one SSUBSCRIBE per channel (a command's channels
+-- must share a slot). A channel whose SSUBSCRIBE is redirected, or that
+-- the node drops (Redis 7 ends the shard channels of a slot it gives
+-- away), gets MOVED: its callers join it again on the node the slot map
+-- names now (move).
 
 -- Seconds the listener stays on with no channel wanted; seconds between
 -- two sweeps for callers gone without leaving; channels per SUBSCRIBE.
@@ -553,9 +985,9 @@ local HEAR_FOR = 600
 -- A subscription not confirmed within this many `timeout`s fails.
 local SUBSCRIBE_TIMEOUTS = 3
 
-local READY, RESET, STOP = { "ready" }, { "reset" }, { "stop" }
+local READY, RESET, STOP, MOVED = { "ready" }, { "reset" }, { "stop" }, { "moved" }
 
--- The listeners of this worker, by server and credentials.
+-- The listeners of this worker, by server and credentials (and node).
 local hubs = {}
 
 local function post(w, ev)
@@ -611,9 +1043,55 @@ local function tell_all(hub, ev, drop)
   end
 end
 
+-- Drops `channel` from the hub; its callers get `ev`.
+local function drop_channel(hub, channel, ev)
+  local e = hub.channels[channel]
+  if not e then
+    return
+  end
+  hub.channels[channel], hub.nchan, hub.dirty[channel] = nil, hub.nchan - 1, nil
+  for w in pairs(e.waiters) do
+    w.ready = false
+    post(w, ev)
+  end
+  e.waiters, e.n = {}, 0
+end
+
+-- Takes the command a reply answers off the listener's list (a cluster's):
+-- its channel, if it is `channel` (any, without one); or nil.
+local function settle(hub, channel)
+  local p = hub.pending
+  local ch = p and p[p.head]
+  if ch ~= nil and (channel == nil or ch == channel) then
+    p[p.head], p.head = nil, p.head + 1
+    return ch
+  end
+  return nil
+end
+
+-- An error reply to a cluster's SSUBSCRIBE: true if it was one (handled).
+local function on_error(hub, err)
+  local channel = settle(hub)
+  if not channel then
+    return false
+  end
+  local conf = hub.conf
+  conf.map.stale = true
+  local kind, slot, target = redirection(conf, err)
+  if kind == "MOVED" and conf.map.slots then
+    conf.map.slots[slot] = target
+  end
+  drop_channel(hub, channel, kind and MOVED or { down = "subscribe: " .. err })
+  return true
+end
+
 local function on_reply(hub, st, res)
   local kind, channel = res[1], res[2]
   local e = hub.channels[channel]
+  if hub.pending and (kind == "ssubscribe" or (kind == "sunsubscribe" and e
+                                               and e.state == "leaving")) then
+    settle(hub, channel)
+  end
   if kind == "message" or kind == "smessage" then
     if e then
       local m = res[3]
@@ -636,7 +1114,10 @@ local function on_reply(hub, st, res)
       end
     end
   elseif kind == "unsubscribe" or kind == "sunsubscribe" then
-    if e then
+    if e and e.state == "on" and hub.pending then -- the node gave the slot away
+      hub.conf.map.stale = true
+      drop_channel(hub, channel, MOVED)
+    elseif e then
       e.state = "off"
       dirty(hub, channel)
     end
@@ -649,7 +1130,7 @@ local function read_loop(hub, sock, st)
     local res, err = read_reply(sock)
     if type(res) == "table" then
       on_reply(hub, st, res)
-    elseif res == false and err then
+    elseif res == false and err and not (hub.pending and on_error(hub, err)) then
       st.err = "subscription: " .. err
       break
     elseif res == nil and err ~= "timeout" then
@@ -694,12 +1175,16 @@ local function update(hub, sock, now)
     end
   end
   hub.dirty = {}
-  local conf = hub.conf
+  local conf, p = hub.conf, hub.pending
+  local batch = p and 1 or BATCH
   for verb, list in pairs { [conf.sub_verb] = subs, [conf.unsub_verb] = unsubs } do
-    for i = 1, #list, BATCH do
+    for i = 1, #list, batch do
       local args = { verb }
-      for j = i, min(i + BATCH - 1, #list) do
+      for j = i, min(i + batch - 1, #list) do
         args[#args + 1] = list[j]
+      end
+      if p then
+        p[p.tail + 1], p.tail = list[i], p.tail + 1
       end
       conf.counts.commands = conf.counts.commands + 1
       local ok, err = sock:send(command(args))
@@ -718,6 +1203,9 @@ local function session(hub, sock)
   for channel, e in pairs(hub.channels) do
     e.state = "off"
     hub.dirty[channel] = true
+  end
+  if hub.node then
+    hub.pending = { head = 1, tail = 0 }
   end
   sock:settimeouts(conf.timeout_ms, conf.timeout_ms, HEAR_FOR * 1000)
   local reader = ngx.thread.spawn(read_loop, hub, sock, st)
@@ -764,7 +1252,7 @@ local function listener(premature, hub)
     if premature then
       err = "nginx is exiting"
     else
-      sock, err = connect(hub.conf, true)
+      sock, err = connect(hub.conf, true, hub.node)
     end
     if not sock then
       tell_all(hub, { down = err }, true)
@@ -783,28 +1271,38 @@ local function listener(premature, hub)
   hub.running = false
 end
 
--- Joins `channel`: a caller's handle for next_event, or nil, why.
-local function join(self, channel)
-  local hub = hubs[self.hub_id]
+-- Adds the caller `w` to the listener of its channel (in a cluster, the
+-- listener of the node that serves the channel's slot): w, or nil, why.
+local function attach(self, w)
+  local node, err
+  if self.cluster then
+    node, err = node_for(self, w.channel)
+    if not node then
+      return nil, err
+    end
+  end
+  local id = node and self.hub_id .. "@" .. node.addr or self.hub_id
+  local hub = hubs[id]
   if not hub then
-    hub = { conf = self, channels = {}, nchan = 0, dirty = {}, wake = semaphore.new(),
-            poked = false, running = false }
-    hubs[self.hub_id] = hub
+    hub = { conf = self, node = node, channels = {}, nchan = 0, dirty = {},
+            wake = semaphore.new(), poked = false, running = false }
+    hubs[id] = hub
   end
   if not hub.running then
-    local ok, err = ngx.timer.at(0, listener, hub)
+    local ok
+    ok, err = ngx.timer.at(0, listener, hub)
     if not ok then
       return nil, "listener: " .. tostring(err)
     end
     hub.running = true
   end
+  local channel = w.channel
   local e = hub.channels[channel]
   if not e then
     e = { waiters = {}, n = 0, state = "off", since = 0 }
     hub.channels[channel], hub.nchan = e, hub.nchan + 1
   end
-  local w = { sema = semaphore.new(), q = {}, head = 1, tail = 0, hub = hub, entry = e,
-              channel = channel, ready = e.state == "on", due = huge }
+  w.hub, w.entry, w.ready = hub, e, e.state == "on"
   e.waiters[w], e.n = true, e.n + 1
   if not w.ready then
     dirty(hub, channel)
@@ -812,10 +1310,13 @@ local function join(self, channel)
   return w
 end
 
-local function leave(w)
-  if w.counts then -- a waiter no longer
-    w.counts.waiting, w.counts = w.counts.waiting - 1, nil
-  end
+-- Joins `channel`: a caller's handle for next_event, or nil, why.
+local function join(self, channel)
+  return attach(self, { sema = semaphore.new(), q = {}, head = 1, tail = 0, channel = channel,
+                        due = huge, moves = 0 })
+end
+
+local function detach(w)
   local e = w.entry
   if e.waiters[w] then
     e.waiters[w], e.n = nil, e.n - 1
@@ -823,6 +1324,25 @@ local function leave(w)
       dirty(w.hub, w.channel)
     end
   end
+end
+
+local function leave(w)
+  if w.counts then -- a waiter no longer
+    w.counts.waiting, w.counts = w.counts.waiting - 1, nil
+  end
+  detach(w)
+end
+
+-- After MOVED: w joins its channel again where the slot map says now (its
+-- events so far kept): true, or nil, why.
+local function move(self, w)
+  detach(w)
+  w.moves = w.moves + 1
+  if w.moves > MAX_REDIRECTS then
+    return nil, "subscribe: moved " .. w.moves .. " times"
+  end
+  local ok, err = attach(self, w)
+  return ok and true, err
 end
 
 -- Waits until w's channel is subscribed: true, or nil, why ("timeout":
@@ -841,6 +1361,11 @@ local function ready(self, w, deadline)
     local ev = next_event(w, limit - now)
     if type(ev) == "table" and ev.down then
       return nil, ev.down
+    elseif ev == MOVED then
+      local ok, err = move(self, w)
+      if not ok then
+        return nil, err
+      end
     end
   end
   return true
@@ -913,6 +1438,7 @@ end
 -- Failures: counted, logged at most once a LOG_EVERY, and a short pause
 
 local function note(self, err)
+  forget_master(self) -- behind sentinels: it may have moved
   local c = self.counts
   c.errors = c.errors + 1
   local now = clock()
@@ -1032,7 +1558,8 @@ local function hear_lead(self, me, state, opts)
     end
     w.due = limit + self.grace
     local ev = next_event(w, limit - now)
-    if ev == STOP or (type(ev) == "table" and ev.down) then
+    if ev == STOP or (type(ev) == "table" and ev.down)
+       or (ev == MOVED and not move(self, w)) then
       break
     elseif ev == forget_msg then
       forgotten(opts)
@@ -1134,7 +1661,13 @@ local function listen(self, w, n, token, lease_end, deadline, opts)
     end
     w.due = limit + self.grace
     local ev = next_event(w, limit - now)
-    if ev == RESET then
+    if ev == MOVED then
+      local ok, err = move(self, w)
+      if not ok then
+        return nil, err
+      end
+      return "reset"
+    elseif ev == RESET then
       return "reset"
     elseif type(ev) == "table" and ev.down then
       return nil, ev.down
@@ -1268,8 +1801,8 @@ function M.new(settings, space)
     error("bad option 'redis' to 'new' (field 'secret': this nginx has no ngx.hmac_sha1)", 2)
   end
   local self = setmetatable({
-    host = s.host, port = s.port, path = s.path, password = s.password, db = s.db,
-    secret = s.secret, pool_size = s.pool_size, username = s.username,
+    password = s.password, db = s.db, secret = s.secret, pool_size = s.pool_size,
+    username = s.username,
     ssl = s.ssl, ssl_verify = s.ssl_verify or false, server_name = s.server_name,
     head = escaped(s.prefix) .. "{" .. escaped(space.shm) .. "|"
            .. (space.group and "=" .. escaped(space.group) or "-") .. "|",
@@ -1279,9 +1812,10 @@ function M.new(settings, space)
     -- how long a waiter may go without looking at its events: a step (a
     -- retry included) and then some
     grace = SWEEP + 3 * s.timeout,
-    sub_verb = "SUBSCRIBE", unsub_verb = "UNSUBSCRIBE",
-    idle_ms = 60000,
-    where = s.path and ("unix:" .. s.path) or (s.host .. ":" .. s.port),
+    sub_verb = s.cluster and "SSUBSCRIBE" or "SUBSCRIBE",
+    unsub_verb = s.cluster and "SUNSUBSCRIBE" or "UNSUBSCRIBE",
+    scripts = s.cluster and SHARDED or SCRIPTS, shas = s.cluster and SHARDED_SHA or SHA,
+    idle_ms = 60000, pools = {},
     down_until = 0, next_log = 0, unlogged = 0, next_refused_log = 0, orphans = {},
     cleaning = false,
     counts = {
@@ -1289,15 +1823,53 @@ function M.new(settings, space)
       errors = 0, commands = 0, timeouts = 0, refused = 0, waiting = 0,
     },
   }, fleet)
-  -- a pool per server and credentials, at most pool_size connections open
-  -- (default: lua_socket_pool_size), the callers beyond them queued
+  local function list(ns)
+    local t = {}
+    for i, n in ipairs(ns) do
+      ns[i] = node_at(n.host, n.port)
+      t[i] = ns[i].addr
+    end
+    return concat(t, ",")
+  end
+  if s.sentinels then
+    self.sentinels, self.master_name, self.sentinel_first = s.sentinels, s.master_name, 1
+    self.sentinel_password, self.sentinel_username = s.sentinel_password, s.sentinel_username
+    self.where = format("master %q of sentinels %s", s.master_name, list(s.sentinels))
+  elseif s.cluster then
+    self.cluster = s.cluster
+    self.where = "cluster " .. list(s.cluster)
+  elseif s.path then
+    self.node = { path = s.path, addr = "unix:" .. s.path }
+    self.where = self.node.addr
+  else
+    self.node = node_at(s.host, s.port)
+    self.where = self.node.addr
+  end
+  local creds = function(user, password)
+    return password and ngx.md5((user or "") .. "\0" .. password) or ""
+  end
+  local tls = s.ssl and ":ssl:" .. tostring(s.ssl_verify) .. ":" .. (s.server_name or "") or ""
+  -- a pool per server and credentials (pools_of), at most pool_size
+  -- connections open (default: lua_socket_pool_size), the callers beyond
+  -- them queued
   local id = "singleflight.redis:" .. self.where .. ":" .. s.db .. ":"
-             .. (s.password and ngx.md5((s.username or "") .. "\0" .. s.password) or "")
-             .. (s.ssl and ":ssl:" .. tostring(s.ssl_verify) .. ":" .. (s.server_name or "")
-                 or "")
-  self.connect_opts = { pool = id, pool_size = s.pool_size, backlog = BACKLOG }
-  self.listen_opts = { pool = id .. ":listener" }
-  self.hub_id = id
+             .. creds(s.username, s.password) .. tls
+  self.pool_id, self.hub_id = id, id
+  if s.sentinels then
+    local sid = id .. ":" .. creds(s.sentinel_username, s.sentinel_password)
+    for _, n in ipairs(s.sentinels) do
+      n.opts = { pool = "singleflight.sentinel:" .. n.addr .. ":"
+                        .. creds(s.sentinel_username, s.sentinel_password) .. tls }
+    end
+    self.sentinel_id = sid
+  elseif s.cluster then
+    local map = maps[id]
+    if not map then
+      map = { nodes = {}, stale = true, busy = false, retry_at = 0 }
+      maps[id] = map
+    end
+    self.map = map
+  end
   return self
 end
 
