@@ -760,3 +760,66 @@ describe("regression: the core's primitives", function()
   -- leader's guard is made, or while a guard grows (no allocator can be
   -- made to fail from a Lua script).
 end)
+
+describe("regression: a duplicate whose backend yields before the wait", function()
+  -- a custom backend's can_wait may yield (to ask its scheduler): when the
+  -- leader finished meanwhile, its result reached no flight, and the
+  -- duplicate waited for ever on a fresh one
+  it("gets the result of a leader that finished while can_wait yielded", function()
+    local be = {
+      name = "asks",
+      can_wait = function()
+        coroutine.yield()
+        return true
+      end,
+      wait = function()
+        coroutine.yield()
+      end,
+      wake = function() end,
+    }
+    local g = singleflight.new { backend = be }
+    local s = helpers.scheduler()
+    local leader = s.go(function()
+      return g:call("k", function()
+        coroutine.yield()
+        return "v"
+      end)
+    end)
+    local dup = s.go(function()
+      return g:call("k", function() return "not me" end)
+    end)
+    s.run(1000)
+    assert.same({}, s.errs)
+    assert.same({ n = 3, "v", nil, true }, leader.res)
+    assert.same({ n = 3, "v", nil, true }, dup.res)
+    assert.equal(1, g:stats().executions)
+  end)
+
+  -- a started fn that waits on its own future waited on itself, and every
+  -- other waiter of that future with it
+  it("a started fn that waits on its own future is refused, not hung", function()
+    local s = helpers.scheduler()
+    local be = {
+      name = "spawns",
+      wait = function() coroutine.yield() end,
+      wake = function() end,
+      spawn = function(fn, ...)
+        s.spawn(fn, ...)
+      end,
+    }
+    local g = singleflight.new { backend = be }
+    local f, inner
+    local outer = s.go(function()
+      f = g:start("k", function()
+        inner = { pcall(f.wait, f) }
+        return "v"
+      end)
+      return f:wait()
+    end)
+    s.run(1000)
+    assert.same({}, s.errs)
+    assert.is_false(inner[1])
+    assert.matches("recursive", tostring(inner[2]))
+    assert.same({ n = 3, "v", nil, false }, outer.res)
+  end)
+end)

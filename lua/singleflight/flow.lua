@@ -358,8 +358,13 @@ end
 -- A same-state duplicate waits on the flight of c.
 local function wait_local(opts, c, ref, skey, deadline)
   local be = opts.be or backend_of(opts)
+  -- in the flight before anything can yield (a backend's can_wait may):
+  -- the leader's result, if it comes meanwhile, is kept there
+  local fl = flight(c)
+  fl.n = fl.n + 1
   local why = be.can_wait and cannot_wait(be)
   if why then
+    drop_waiter(c, fl)
     if opts.timeout == 0 then -- it would not have waited anyway
       leave(ref)
       return "timeout"
@@ -367,8 +372,6 @@ local function wait_local(opts, c, ref, skey, deadline)
     unjoin(ref)
     error(cannot_wait_msg(skey, why), 0)
   end
-  local fl = flight(c)
-  fl.n = fl.n + 1
   local ok, e = true, nil
   if be.never_fails and fl.objs[be] ~= nil then -- nothing here can raise
     wait_flight(fl, be, ref, c, skey, deadline, opts.max_age)
@@ -730,15 +733,7 @@ function call(self, key, fn, ...)
   if d.timeout or d.max_age or not be.never_fails or (not sweeping and IN_NGX) then
     return join(self, JOINED, a, b, c, rerun, d, fn, ...)
   end
-  local yields = be.yields and co_isyieldable -- its wait: a bare yield
-  if yields then
-    st = co_isyieldable()
-  else
-    st = be.can_wait == nil or be.can_wait()
-  end
-  if not st then
-    return join(self, JOINED, a, b, c, rerun, d, fn, ...)
-  end
+  -- the flight first: a can_wait that yields finds the result kept there
   fl = flights[a]
   if fl == nil or fl.objs[be] == nil then
     -- the call's first waiter here through be: its wait object, and a
@@ -759,6 +754,15 @@ function call(self, key, fn, ...)
     if state(b) == "abandoned" then
       gone(a, fl)
     end
+  end
+  local yields = be.yields and co_isyieldable -- its wait: a bare yield
+  if yields then
+    st = co_isyieldable()
+  else
+    st = be.can_wait == nil or be.can_wait()
+  end
+  if not st then
+    return join(self, JOINED, a, b, c, rerun, d, fn, ...)
   end
   -- The later duplicates of a call of a group private to this state (e:
   -- the leader's guard) meet in its flight, in Lua; this joiner's core

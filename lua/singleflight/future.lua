@@ -27,6 +27,10 @@ local flight, gone, drop_waiter, wait_flight, deliver, lead, call =
       flow.flight, flow.gone, flow.drop_waiter, flow.wait_flight, flow.deliver,
       runner.lead, flow.call
 local opts_of, TIMEOUT = flow.opts_of, flow.TIMEOUT
+local running = runner.running
+-- future -> the light thread that runs its fn, held weakly: one that goes
+-- away must stay collectable, for the future to take over
+local runner_of = setmetatable({}, { __mode = "kv" })
 
 local ST = core.ST
 local LEADER, JOINED, FOREIGN, RECURSIVE, PANICKED, DELIVER, DONE_GONE, PANICKED_GONE, TIERED =
@@ -66,7 +70,9 @@ end
 -- thread goes away before it runs, the reference's finalizer abandons the
 -- call, and the future (which holds a reference of its own) takes over.
 local function body(f, lead_ref)
+  runner_of[f] = running() -- (its wait from inside fn is a recursion)
   runner.protect(lead_adopted, f, lead_ref)
+  runner_of[f] = nil
 end
 
 local function fulfil(f, ok, v, err, shared)
@@ -111,6 +117,10 @@ function Future:wait(timeout)
   if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0) then
     error(sfmt("bad argument #1 to 'wait' (non-negative number expected, got %s)",
                type(timeout) == "number" and tostring(timeout) or type(timeout)), 2)
+  end
+  if not self.done and runner_of[self] ~= nil and runner_of[self] == running() then
+    error("singleflight: recursive call for key " .. quote(self.key)
+          .. " (its fn waits for its own future)", 2)
   end
   if not self.done then
     if self.st == FOREIGN then
