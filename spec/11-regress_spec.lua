@@ -823,3 +823,25 @@ describe("regression: a duplicate whose backend yields before the wait", functio
     assert.same({ n = 3, "v", nil, false }, outer.res)
   end)
 end)
+
+describe("regression: deep nesting", function()
+  -- each call's panic held the inner one's, and tostring went down through
+  -- __tostring metamethods until PUC Lua's C stack ran out: the text said
+  -- "(table value, __tostring failed)" instead of the root cause
+  it("a panic through 150 nested calls says the innermost error", function()
+    local g = singleflight.new()
+    local function nest(depth)
+      return g:call("k" .. depth, function()
+        if depth == 0 then
+          error("the root cause", 0)
+        end
+        return nest(depth - 1)
+      end)
+    end
+    local ok, e = pcall(nest, 150)
+    assert.is_false(ok)
+    assert.is_true(singleflight.is_panic(e))
+    assert.equal("singleflight: the root cause", tostring(e))
+    assert.equal(0, g:stats().inflight)
+  end)
+end)

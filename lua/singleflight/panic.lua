@@ -33,7 +33,14 @@ end
 local PREFIX = "singleflight: "
 
 function Panic.__tostring(e)
-  local s = safe_tostring(rawget(e, "value"))
+  -- the innermost of panics raised again through nested calls, reached
+  -- here rather than through each one's __tostring (a C call apiece,
+  -- which runs PUC Lua out of C stack some 200 calls deep)
+  local v = rawget(e, "value")
+  while getmetatable(v) == Panic do
+    v = rawget(v, "value")
+  end
+  local s = safe_tostring(v)
   -- a panic, or an error of this module, raised again by an fn that
   -- called the failed call: its text says singleflight once
   if s:sub(1, #PREFIX) == PREFIX then
