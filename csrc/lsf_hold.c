@@ -414,11 +414,18 @@ static void guard_remove(lsf_guard *gd, int i) {
   gd->height--;
 }
 
-/* Takes c off the guard; 0 if it was not there. */
+/* Takes c off the guard; 0 if it was not there. The calls above it on
+ * the guard were acquired by the same coroutine inside c's lead and never
+ * finished (an error between their acquire and their fn, as a stack
+ * overflow raised by the protected call that was to run fn): nothing can
+ * have joined them in this state meanwhile, and they are abandoned, so
+ * that their keys are free. */
 int lsf_guard_pop(lsf_guard *gd, sf_call *c) {
   int i = lsf_guard_find(gd, (uintptr_t)c);
   if (i < 0)
     return 0;
+  while (gd->height > i + 1)
+    sf_abandon(gd->stack[--gd->height]);
   guard_remove(gd, i);
   return 1;
 }

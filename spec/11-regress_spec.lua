@@ -845,3 +845,26 @@ describe("regression: deep nesting", function()
     assert.equal(0, g:stats().inflight)
   end)
 end)
+
+describe("regression: a lead at the edge of the stack", function()
+  -- LuaJIT: nested calls deep enough that starting fn itself raised
+  -- "stack overflow", after the key was acquired and before fn ran under
+  -- protection: the innermost key stayed acquired for ever (the next
+  -- caller of it was told it was recursive)
+  it("frees every key once the overflow is raised", function()
+    local g = singleflight.new()
+    local function nest(d)
+      return g:call("k" .. d, function() return nest(d + 1) end)
+    end
+    for _ = 1, 2 do
+      local ok, e = pcall(nest, 0)
+      assert.is_false(ok)
+      -- (the error handler may overflow too: "error in error handling")
+      local text = tostring(e)
+      assert.is_true(text:find("stack overflow", 1, true) ~= nil
+                     or text:find("error in error handling", 1, true) ~= nil, text)
+      assert.equal(0, g:stats().inflight)
+    end
+    assert.equal("free", g:call("k1", function() return "free" end))
+  end)
+end)
