@@ -745,17 +745,57 @@ static int lsf_finish(lua_State *L) {
  * thread's guard is cached. The continuation finds everything there.
  */
 
-/* Where the message handler leaves the traceback, in the registry. */
+/*
+ * Where the message handler leaves tracebacks: a table in the registry,
+ * one entry per failed fn whose lead has not read it yet, the newest last
+ * (cx->tracebacks of them). A lead notes how many there were when it
+ * began (its continuation's context) and takes the one after: a lead run
+ * by a to-be-closed variable's __close while a failed fn unwinds (5.4)
+ * fails and reads its own traceback before the outer lead reads its.
+ */
 static const char traceback_slot = 0;
+
+static void push_tracebacks(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &traceback_slot);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &traceback_slot);
+  }
+}
 
 /* The message handler: notes the traceback beside the value, untouched. */
 static int lead_msgh(lua_State *L) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  push_tracebacks(L);
   luaL_traceback(L, L, NULL, 1);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &traceback_slot);
+  lua_rawseti(L, -2, ++cx->tracebacks);
+  lua_pop(L, 1);
   return 1;
 }
 
-static int lead_done(lua_State *L, int status) {
+/* Pushes the traceback of the lead that began with `before` of them
+ * pending (or ""), and drops it and any left above it. */
+static void take_traceback(lua_State *L, int before) {
+  lsf_ctx *cx = lsf_ctx_of(L);
+  int i;
+  push_tracebacks(L);
+  lua_rawgeti(L, -1, before + 1);
+  if (lua_type(L, -1) != LUA_TSTRING) { /* the handler itself failed */
+    lua_pop(L, 1);
+    lua_pushliteral(L, "");
+  }
+  for (i = cx->tracebacks; i > before; i--) {
+    lua_pushnil(L);
+    lua_rawseti(L, -3, i); /* clearing a field never allocates */
+  }
+  if (cx->tracebacks > before)
+    cx->tracebacks = before;
+  lua_remove(L, -2);
+}
+
+static int lead_done(lua_State *L, int status, int before) {
   sf_call *c = (sf_call *)lua_touserdata(L, 1);
   lsf_ctx *cx = lsf_ctx_of(L);
   /* a coroutine's guard is in its slot; the main thread's is cached */
@@ -788,13 +828,7 @@ static int lead_done(lua_State *L, int status) {
     return 5;
   }
   /* the panic's value on top, its traceback where the handler put it */
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &traceback_slot);
-  if (lua_type(L, -1) != LUA_TSTRING) { /* the handler itself failed */
-    lua_pop(L, 1);
-    lua_pushliteral(L, "");
-  }
-  lua_pushnil(L);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &traceback_slot);
+  take_traceback(L, before);
   finish_call(L, gd, c, 0, top, top + 1, &shared, &nlocal, &expired);
   lua_pushinteger(L, expired ? ST_PANICKED_GONE : ST_PANICKED);
   lua_pushvalue(L, top);
@@ -809,12 +843,13 @@ static int lead_done(lua_State *L, int status) {
 
 #if LUA_VERSION_NUM >= 503
 static int lead_k(lua_State *L, int status, lua_KContext ctx) {
-  (void)ctx;
-  return lead_done(L, status);
+  return lead_done(L, status, (int)ctx);
 }
 #else
 static int lead_k(lua_State *L) {
-  return lead_done(L, lua_getctx(L, NULL));
+  int ctx = 0;
+  int status = lua_getctx(L, &ctx);
+  return lead_done(L, status, ctx);
 }
 #endif
 
@@ -822,12 +857,12 @@ static int lead_k(lua_State *L) {
  * coroutine's guard on top when gslot is set: lays the frame out as
  *   1 call, 2 key, 3 message handler, [4 guard,] fn, args...  */
 static int lead_frame(lua_State *L, sf_call *c, int gslot) {
-  int base = gslot ? 5 : 4;
+  int base = gslot ? 5 : 4, before;
   lua_pushlightuserdata(L, c);
   lua_replace(L, 1);
   if (gslot)
     lua_insert(L, 3);
-  lua_pushcfunction(L, lead_msgh);
+  lua_rawgeti(L, UV_SPARES, SPARE_MSGH); /* lead_msgh, with the upvalues */
   lua_insert(L, 3);
 #if LSF_HAVE_TOCLOSE
   if (gslot) {
@@ -835,7 +870,8 @@ static int lead_frame(lua_State *L, sf_call *c, int gslot) {
     lua_toclose(L, 4);
   }
 #endif
-  return lead_done(L, lua_pcallk(L, lua_gettop(L) - base, 2, 3, 0, lead_k));
+  before = lsf_ctx_of(L)->tracebacks;
+  return lead_done(L, lua_pcallk(L, lua_gettop(L) - base, 2, 3, before, lead_k), before);
 }
 
 static int run_with(lua_State *L, unsigned flags) {
@@ -1234,6 +1270,12 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_pushliteral(L, "k");
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, slots[10]);
+
+#if LSF_HAVE_PCALLK
+  push_upvalues(L, slots); /* the leaders' message handler, made once */
+  lua_pushcclosure(L, lead_msgh, LSF_NUPVALUES);
+  lua_rawseti(L, slots[5], SPARE_MSGH);
+#endif
 
   lua_pushliteral(L, GROUP_MT);
   lua_setfield(L, slots[2], "__name");

@@ -56,7 +56,7 @@ enum {
 #define LSF_NUPVALUES 11
 
 /* Slots of the spares table. */
-enum { SPARE_GUARD = 1, SPARE_REF = 2 };
+enum { SPARE_GUARD = 1, SPARE_REF = 2, SPARE_MSGH = 3 /* see lsf.c */ };
 
 struct lsf_guard;
 
@@ -74,6 +74,9 @@ typedef struct lsf_ctx {
                                     lsf_hold.c, anchors) */
   int ntracked, prune_at;        /* UV_TRACKED's size, and the size at
                                     which installing a guard prunes it */
+  int tracebacks;                /* tracebacks the leaders' message
+                                    handler left for their lead_done (see
+                                    lsf.c, lead_msgh) */
 } lsf_ctx;
 
 typedef struct lsf_group {

@@ -868,3 +868,33 @@ describe("regression: a lead at the edge of the stack", function()
     assert.equal("free", g:call("k1", function() return "free" end))
   end)
 end)
+
+describe("regression: tracebacks of leads that raise while another unwinds", function()
+  -- 5.4: fn's error was noted in one slot per Lua state; a to-be-closed
+  -- variable of a failing fn whose __close ran a lead that failed too
+  -- took that slot, and the outer panic's traceback came out empty
+  local test = _VERSION == "Lua 5.4" and it or pending
+  test("each panic keeps its own traceback", function()
+    local g = singleflight.new()
+    local run = assert(load([[
+      local g, inner = ...
+      return pcall(g.call, g, "outer", function()
+        local guard <close> = setmetatable({}, { __close = function()
+          inner[1], inner[2] = pcall(g.call, g, "inner", function()
+            error("inner boom", 0)
+          end)
+        end })
+        error("outer boom", 0)
+      end)
+    ]], "=closing", "t"))
+    local inner = {}
+    local ok, e = run(g, inner)
+    assert.is_false(ok)
+    assert.equal("outer boom", e.value)
+    assert.is_false(inner[1])
+    assert.equal("inner boom", inner[2].value)
+    assert.is_true(#inner[2].traceback > 0)
+    assert.is_true(#e.traceback > 0, "the outer panic has no traceback")
+    assert.equal(0, g:stats().inflight)
+  end)
+end)
