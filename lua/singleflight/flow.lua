@@ -122,6 +122,7 @@ local function deliver(c, ok, v, err, p, shared)
   if fl then
     flights[c] = nil
     fl.done, fl.ok, fl.v, fl.err, fl.panic, fl.shared = true, ok, v, err, p, shared
+    fl.over = true
     settle(fl)
     wake_all(fl)
   end
@@ -135,7 +136,7 @@ local function gone(c, fl)
     if flights[c] == fl then
       flights[c] = nil
     end
-    fl.abandoned = true
+    fl.abandoned, fl.over = true, true
     settle(fl)
     wake_all(fl)
   end
@@ -679,11 +680,11 @@ function call(self, key, fn, ...)
     fl = fl[key]
     -- a duplicate of a call its other duplicates wait on: it meets them
     -- here, in Lua, unless it is that call's leader (a recursion goes to
-    -- the core, which refuses it) or it waits with another backend
-    if fl ~= nil and not (fl.done or fl.abandoned) and (not IN_NGX or sweeping)
-       and guards[co_running()] ~= leader_of[fl] then
-      local be = fl.be
-      local yields, st = be.yields and co_isyieldable
+    -- the core, which refuses it) or it waits with another backend. (A
+    -- registered flight is open: settle takes it off as it ends; and in
+    -- nginx the sweep runs while it waits.)
+    if fl ~= nil and guards[co_running()] ~= leader_of[fl] then
+      local be, yields, st = fl.be, fl.bare
       if fl.auto and backend_of(fl.opts) ~= be then
         st = false
       elseif yields then
@@ -698,14 +699,14 @@ function call(self, key, fn, ...)
         if yields then
           repeat
             co_yield()
-          until fl.done or fl.abandoned
+          until fl.over
         else
           local counts = fl.counts
           counts[be] = counts[be] + 1
           local wait, obj = be.wait, fl.objs[be]
           repeat
             wait(obj)
-          until fl.done or fl.abandoned
+          until fl.over
           counts[be] = counts[be] - 1
         end
         if fl.done then
@@ -777,8 +778,8 @@ function call(self, key, fn, ...)
       joinable[self] = reg
     end
     reg[c] = fl
-    fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake, fl.extra =
-      reg, c, a, self, d, be, d.be == nil, b, 0
+    fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake, fl.extra, fl.bare =
+      reg, c, a, self, d, be, d.be == nil, b, 0, yields and true or false
     leader_of[fl] = e
     staked = true
   end
