@@ -498,4 +498,8 @@ function M.eventually(pred, what, secs)
   end
 end
 
+-- For specs that run an nginx of their own: a shell command's success and
+-- output (stderr included), a shell word, a free port on 127.0.0.1.
+M.sh, M.quote, M.free_port = sh, quote, free_port
+
 return M
