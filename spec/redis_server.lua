@@ -102,21 +102,19 @@ function M.find()
   return found
 end
 
---- True, with a pending spec named `title` saying why, when the specs
--- can't run here: no nginx or redis-server, or (`also`) no file also[1]
--- (also[2] says what it is).
-function M.unusable(title, also)
+--- Nil when the specs can run here, else why not: no nginx or
+-- redis-server, or (`also`) no file also[1] (also[2] says what it is).
+-- The spec file says it with a pending spec (busted's describe and
+-- pending are the spec file's, not this module's).
+function M.unusable(also)
   local found, why = M.find()
   if found and also and not exists(also[1]) then
     found, why = nil, also[2]
   end
   if found then
-    return false
+    return nil
   end
-  describe(title, function()
-    pending("what the specs need (" .. why .. ")")
-  end)
-  return true
+  return "what the specs need (" .. why .. ")"
 end
 
 ---------------------------------------------------------------------------
