@@ -413,6 +413,35 @@ do
       at_most(bound), true)
 end
 
+-- A loader's cache misses under wrk (Zipf ids, a per-worker lrucache, a
+-- 20 ms origin): the workers' CPU per request and p99.9, shm against a
+-- group per worker, in alternating rounds of one nginx (each ratio the
+-- median over pairs of rounds side by side)
+do
+  local function zipf(name)
+    return get("nginx.zipf_" .. name)
+  end
+  local head = fmt("a loader over %s nginx workers, %s connections, Zipf ids, lrucache "
+                   .. "in front, 20 ms origin", num(zipf("workers") or 4, 0),
+                   num(zipf("conns") or 200, 0))
+  local cpu = zipf("cpu_ratio")
+  row(head .. ": worker CPU per request, shm vs a group per worker",
+      fmt("%s (%s vs %s us; %s vs %s requests/s; origin calls %s%% vs %s%% of requests, "
+          .. "%s vs %s begun while one of the id ran; %s errors; %s dict entries left)",
+          times(cpu), num(zipf("shm_cpu_us"), 1), num(zipf("worker_cpu_us"), 1),
+          num(zipf("shm_rps"), 0), num(zipf("worker_rps"), 0), num(zipf("shm_origin_pct"), 2),
+          num(zipf("worker_origin_pct"), 2), num(zipf("shm_overlaps"), 0),
+          num(zipf("worker_overlaps"), 0),
+          num((zipf("shm_errors") or 0) + (zipf("worker_errors") or 0), 0),
+          num(zipf("inflight_left"), 0)),
+      "<= 1.10x", cpu, at_most(1.10), true)
+  local tail = zipf("p999_ratio")
+  row(head .. ": p99.9 latency, shm vs a group per worker",
+      fmt("%s (%s vs %s ms)", times(tail), num(zipf("shm_p999_ms"), 1),
+          num(zipf("worker_p999_ms"), 1)),
+      "<= 1.5x", tail, at_most(1.5), true)
+end
+
 ---------------------------------------------------------------------------
 -- Output
 

@@ -112,7 +112,9 @@ run_codec() { # version
 # bench/nginx_bench.lua, for the row across nginx workers, and
 # bench/nginx_heap_bench.lua, nginx_watch_bench.lua, nginx_keys_bench.lua and
 # nginx_redis_bench.lua (a big heap, the CPU of watching, 1000 keys x 4
-# workers, a Redis fleet's connections per stampede): LuaJIT and
+# workers, a Redis fleet's connections per stampede), and
+# nginx_zipf_bench.lua (a loader's cache misses under wrk: the CPU per
+# request and the tail of shm against a group per worker): LuaJIT and
 # LuaSocket drive a throwaway nginx (each says why on stderr when it can't)
 nginx_bench=
 if command -v luajit >/dev/null 2>&1 && luajit -e 'require "socket"' 2>/dev/null; then
@@ -179,6 +181,8 @@ while [ "$run" -le "$RUNS" ]; do
     collect "$run nginx" luajit bench/nginx_keys_bench.lua "$SCALE"
     note "run $run of $RUNS: nginx, a Redis fleet: connections and commands per stampede"
     collect "$run nginx" luajit bench/nginx_redis_bench.lua "$SCALE"
+    note "run $run of $RUNS: nginx, a loader's cache misses under wrk, shm vs a group per worker"
+    collect "$run nginx" luajit bench/nginx_zipf_bench.lua "$SCALE"
   fi
   run=$((run + 1))
 done
