@@ -81,7 +81,7 @@ local new_panic, is_panic, safe_tostring = panic.new, panic.is_panic, panic.safe
 local resolve, cannot_wait = backends.resolve, backends.cannot_wait
 local cannot_wait_msg, opts_of = flow.cannot_wait_msg, flow.opts_of
 local TIMEOUT = flow.TIMEOUT
-local ngx_sleep, ngx_log, WARN = ngx.sleep, ngx.log, ngx.WARN
+local ngx_sleep, ngx_log, ngx_now, WARN = ngx.sleep, ngx.log, ngx.now, ngx.WARN
 
 local DONE = core.ST.DONE
 
@@ -89,6 +89,10 @@ local DONE = core.ST.DONE
 -- RENEW, so a worker whose event loop stalls for LEASE - RENEW loses its
 -- leads. A watcher notices a dead leader's lock run out at once.
 local LEASE, RENEW = 0.9, 0.15
+-- A lead younger than YOUNG (ngx.now()) needs no renewal yet: its lease
+-- lasts past the next round. The renewals' timer lives LINGER seconds past
+-- the last lead.
+local YOUNG, LINGER = LEASE - 3 * RENEW, 1
 -- the poller's beat (see poll): from POLL_MIN to POLL_MAX, POLL_SHARE of
 -- the time nothing moved
 local POLL_MIN, POLL_MAX, POLL_SHARE = 0.001, 0.05, 0.02
@@ -176,12 +180,12 @@ end
 ---------------------------------------------------------------------------
 -- Leads of this worker and their renewal
 
--- token -> { dict, lkey, val, wkey, gkey, co|main, expires|nil }:
---   the leader's coroutine is held weakly, so that one that nginx let go
---   of (a killed light thread) can be collected.
+-- token -> { token, dict, lkey, val, pkey, wkey, gkey, main, since, expires|nil }
 local leading = {}
+-- token -> the leader's coroutine, held weakly, so that one that nginx let
+-- go of (a killed light thread) can be collected
+local leaders = setmetatable({}, { __mode = "v" })
 local renewing = false
-local WEAK = { __mode = "v" }
 local anchored = core.anchored
 
 -- Its frame marks a live lead: the timer looks for it on the leader's
@@ -207,7 +211,7 @@ local function live(rec)
   if rec.main then
     return true -- the main thread: nothing to go by
   end
-  local co = rec.co
+  local co = leaders[rec.token]
   if co == nil then
     return false -- collected
   end
@@ -248,7 +252,7 @@ end
 
 -- One round of renewals.
 local function renew()
-  local swept = false
+  local swept, at = false, ngx_now()
   for token, rec in pairs(leading) do
     local dict = rec.dict
     if not live(rec) then -- its request went away: let the others take over
@@ -256,7 +260,7 @@ local function renew()
         swept = true
         pcall(flow.sweep)
       end
-      leading[token] = nil
+      leading[token], leaders[token] = nil, nil
       if dict:get(rec.lkey) == rec.val then
         dict:delete(rec.lkey)
         bump(dict)
@@ -270,8 +274,9 @@ local function renew()
         end
       end
       if ttl < 0.001 or dict:get(rec.lkey) ~= rec.val then
-        leading[token] = nil -- max_age: the lock runs out by itself; or lost
-      else
+        -- max_age: the lock runs out by itself; or lost
+        leading[token], leaders[token] = nil, nil
+      elseif at - rec.since >= YOUNG then -- (a younger lead's lease lasts)
         dict:expire(rec.lkey, ttl)
         dict:expire(rec.pkey, WATCH_TTL)
         dict:expire(rec.wkey, WATCH_TTL)
@@ -285,11 +290,15 @@ end
 
 local renew_warned = false
 
--- The renewals: one light thread per worker (a timer) while it leads. It
--- goes on through a graceful shutdown (a reload): a lead that finishes
--- there keeps its lease to the end.
+-- The renewals: one light thread per worker (a timer) while it leads, and
+-- for LINGER seconds after its last lead (so that short leads, one after
+-- the other, do not start a timer each). It goes on through a graceful
+-- shutdown (a reload): a lead that finishes there keeps its lease to the
+-- end.
+local last_lead = 0
+
 local function renewals()
-  while next(leading) do
+  while next(leading) or now() - last_lead < LINGER and not ngx.worker.exiting() do
     ngx_sleep(RENEW)
     renew()
   end
@@ -307,6 +316,7 @@ end
 local timer_warned = false
 
 local function schedule()
+  last_lead = now()
   if renewing then
     return
   end
@@ -506,10 +516,10 @@ local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
   local prev = dict:get(pkey)
   dict:safe_set(pkey, token, WATCH_TTL) -- no room: no successor, that's all
   local co = co_running()
-  local rec = setmetatable({ dict = dict, lkey = lkey, pkey = pkey, val = val,
-                             wkey = "w" .. token, gkey = gkey, co = co, main = co == nil,
-                             expires = expires }, WEAK)
-  leading[token] = rec
+  local rec = { token = token, dict = dict, lkey = lkey, pkey = pkey, val = val,
+                wkey = "w" .. token, gkey = gkey, main = co == nil, since = ngx_now(),
+                expires = expires }
+  leading[token], leaders[token] = rec, co
   schedule()
   local counts = t.counts
   counts.leads, counts.fnruns = counts.leads + 1, counts.fnruns + 1
@@ -518,7 +528,10 @@ local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
   end
   ctx.ran = true
   local ok, v, err = run_lead(t, rec, ctx, fn, ...)
-  leading[token] = nil
+  -- a lead younger than YOUNG holds its lock still, if the renewals did not
+  -- let it go: no need to look
+  local young = leading[token] == rec and not expires and ngx_now() - rec.since < YOUNG
+  leading[token], leaders[token] = nil, nil
   if ok == RETRY then -- it timed out waiting on another instance: no outcome
     if dict:get(lkey) == val then
       dict:delete(lkey)
@@ -532,7 +545,7 @@ local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
   end
   local shared = false
   -- still ours? (else max_age or a lost lease: the result is ours alone)
-  if dict:get(lkey) == val then
+  if young or dict:get(lkey) == val then
     local mine = close(dict, rec.wkey)
     local theirs = prev ~= nil and close(dict, "w" .. prev)
     if mine or theirs then
@@ -836,11 +849,39 @@ end
 -- Lets go of the lock lkey (it holds val, a lead of this worker that went
 -- away or ran past max_age): the next to add it succeeds that lead.
 local function let_go(dict, lkey, val)
-  leading[token_of(val)] = nil
+  local token = token_of(val)
+  leading[token], leaders[token] = nil, nil
   if dict:get(lkey) == val then
     dict:delete(lkey)
     bump(dict)
   end
+end
+
+-- step, when the lock lkey holds val, another's lead: watches it (or, for a
+-- caller that cannot wait, does what its options say). Returns step's
+-- answer, or RESTART and the token still held, or TIMED_OUT.
+local function another(self, t, ctx, late, lkey, val, held, fn, ...)
+  local dict, check = t.dict, ctx.check
+  if check ~= "" and sub(val, -#check) ~= check then
+    drop(dict, held)
+    degraded(t, "two keys share a hash") -- this worker alone, then
+    return run_here(t, ctx, fn, ...)
+  end
+  local why = not late and cannot_wait(t.be or resolve(t.opts.backend))
+  if late or why then
+    drop(dict, held)
+    if late or t.opts.timeout == 0 then
+      return timed_out(t, ctx, self, fn, ...)
+    end
+    return FAILED, cannot_wait_msg(ctx.skey, why)
+  end
+  local a, b = watch(t, ctx, lkey, val, held)
+  if a == LOCAL then
+    return run_here(t, ctx, fn, ...)
+  elseif a == REFRESH then
+    return RETRY
+  end
+  return a, b
 end
 
 local function step(self, t, ctx, fn, ...)
@@ -863,57 +904,40 @@ local function step(self, t, ctx, fn, ...)
     ctx.gen = gen
     t.current[ctx.skey] = ctx
     local lkey = "l" .. gen .. ":" .. base
-    local val = dict:get(lkey)
-    if val ~= nil and own(val) then
-      local rec = leading[token_of(val)]
-      if not rec or not live(rec) or (rec.expires and now() >= rec.expires) then
-        -- a lead of this worker whose request went away, or past max_age
-        let_go(dict, lkey, val)
-        val = dict:get(lkey) -- nil, unless another worker was quicker
-      elseif rec.co == co_running() then
-        drop(dict, held)
-        return FAILED, "singleflight: recursive call for key " .. quote(ctx.skey)
+    -- the common case first: nobody leads the key, and this caller does
+    local token = new_token()
+    local mine = token .. check
+    local ok, err = dict:safe_add(lkey, mine, lease_ttl(t))
+    local val
+    if ok then
+      if gen == 0 or dict:expire(gkey, GEN_TTL) then
+        drop(dict, held) -- this lead succeeds that one (see lead)
+        -- gkey: renewed with the lock while it is there (a forget may
+        -- come while this runs: it then holds as long as this can be joined)
+        return lead(t, ctx, lkey, "p" .. gen .. ":" .. base, mine, token, gkey, fn, ...)
       end
-    end
-    if val == nil then
-      local token = new_token()
-      local mine = token .. check
-      local ok, err = dict:safe_add(lkey, mine, lease_ttl(t))
-      if ok then
-        if gen == 0 or dict:expire(gkey, GEN_TTL) then
-          drop(dict, held) -- this lead succeeds that one (see lead)
-          -- gkey: renewed with the lock while it is there (a forget may
-          -- come while this runs: it then holds as long as this can be joined)
-          return lead(t, ctx, lkey, "p" .. gen .. ":" .. base, mine, token, gkey, fn, ...)
-        end
-        dict:delete(lkey) -- the generation ran out meanwhile: start again
-      elseif err ~= "exists" then
-        drop(dict, held)
-        degraded(t, err)
-        return run_here(t, ctx, fn, ...)
-      end
-    elseif check ~= "" and sub(val, -#check) ~= check then
+      dict:delete(lkey) -- the generation ran out meanwhile: start again
+    elseif err ~= "exists" then
       drop(dict, held)
-      degraded(t, "two keys share a hash") -- this worker alone, then
+      degraded(t, err)
       return run_here(t, ctx, fn, ...)
     else
-      local why = not late and cannot_wait(t.be or resolve(t.opts.backend))
-      if late or why then
-        drop(dict, held)
-        if late or t.opts.timeout == 0 then
-          return timed_out(t, ctx, self, fn, ...)
-        end
-        return FAILED, cannot_wait_msg(ctx.skey, why)
-      end
-      local a, b = watch(t, ctx, lkey, val, held)
+      val = dict:get(lkey) -- nil: it went meanwhile (again, then)
+    end
+    local here = val ~= nil and own(val)
+    local rec = here and leading[token_of(val)]
+    if here and (not rec or not live(rec) or (rec.expires and now() >= rec.expires)) then
+      -- a lead of this worker whose request went away, or past max_age
+      let_go(dict, lkey, val)
+    elseif rec and leaders[rec.token] == co_running() then
+      drop(dict, held)
+      return FAILED, "singleflight: recursive call for key " .. quote(ctx.skey)
+    elseif val ~= nil then
+      local a, b = another(self, t, ctx, late, lkey, val, held, fn, ...)
       if a == RESTART then -- the leader went away without a result
         held = b
-      elseif a == LOCAL then
-        return run_here(t, ctx, fn, ...)
       elseif a == TIMED_OUT then
         held, late = nil, true
-      elseif a == REFRESH then
-        return RETRY
       else
         return a, b
       end
