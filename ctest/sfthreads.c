@@ -742,6 +742,30 @@ static void thread_run(lua_State *L, sft_thread *t) {
   }
 }
 
+/* Threads not finished yet, process-wide: the process waits for them
+ * (10 s at most) as it exits, so that none is closing its Lua state when
+ * the sanitizers look for leaks. */
+static pthread_mutex_t live_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t live_cv; /* monotonic: made once, in pin_self */
+static int live_threads = 0;
+
+static void live_add(int n) {
+  pthread_mutex_lock(&live_mu);
+  live_threads += n;
+  pthread_cond_broadcast(&live_cv);
+  pthread_mutex_unlock(&live_mu);
+}
+
+static void wait_live_threads(void) {
+  struct timespec ts;
+  deadline_after(&ts, 10);
+  pthread_mutex_lock(&live_mu);
+  while (live_threads > 0)
+    if (pthread_cond_timedwait(&live_cv, &live_mu, &ts) == ETIMEDOUT)
+      break;
+  pthread_mutex_unlock(&live_mu);
+}
+
 static void *thread_main(void *arg) {
   sft_thread *t = (sft_thread *)arg;
   lua_State *L = luaL_newstate();
@@ -756,6 +780,7 @@ static void *thread_main(void *arg) {
   pthread_cond_broadcast(&t->cv);
   pthread_mutex_unlock(&t->mu);
   thread_release(t);
+  live_add(-1);
   return NULL;
 }
 
@@ -794,7 +819,9 @@ static int thread_spawn(lua_State *L) {
   if (enc_values(L, &t->args, 2, lua_gettop(L) - 1) != 0)
     return lua_error(L);
   atomic_fetch_add(&t->refs, 1);
+  live_add(1);
   if (pthread_create(&t->tid, NULL, thread_main, t) != 0) {
+    live_add(-1);
     atomic_fetch_sub(&t->refs, 1);
     return luaL_error(L, "sfthreads: cannot create a thread");
   }
@@ -877,6 +904,8 @@ static int l_lightuserdata(lua_State *L) {
  * still be inside it when the state that loaded it closes. */
 static void pin_self(void) {
   Dl_info info;
+  cond_init(&live_cv);
+  atexit(wait_live_threads);
   if (dladdr((void *)(uintptr_t)luaopen_sfthreads, &info) && info.dli_fname)
     dlopen(info.dli_fname, RTLD_NOW | RTLD_NODELETE);
 }
