@@ -1270,6 +1270,12 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_pushliteral(L, "k");
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, slots[10]);
+  lua_newtable(L); /* tracked guard -> its coroutine, weak values */
+  slots[11] = lua_gettop(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, slots[11]);
 
 #if LSF_HAVE_PCALLK
   push_upvalues(L, slots); /* the leaders' message handler, made once */

@@ -53,7 +53,9 @@ enum {
 #define UV_JOINABLE lua_upvalueindex(11) /* handle -> {key -> the Lua
                                             layer's flight}, weak keys:
                                             see lsf.c, joinable */
-#define LSF_NUPVALUES 11
+#define UV_TRACKED_CO lua_upvalueindex(12) /* tracked guard -> its
+                                              coroutine, weak values */
+#define LSF_NUPVALUES 12
 
 /* Slots of the spares table. */
 enum { SPARE_GUARD = 1, SPARE_REF = 2, SPARE_MSGH = 3 /* see lsf.c */ };
@@ -98,8 +100,6 @@ typedef struct lsf_guard {
   int marks;     /* leader frames that close the guard (5.4) */
   int anchor;    /* where nginx's table of running coroutines held the
                     guard's coroutine when it got the guard; 0: nowhere */
-  uintptr_t co;  /* that coroutine's address: only compared, never
-                    followed (the guard does not keep it alive) */
   int cap;
   sf_call **stack;
   sf_call *inl[GUARD_INLINE];

@@ -99,14 +99,19 @@ static int anchor_of_running(lua_State *L, const lsf_ctx *cx) {
   return slot;
 }
 
-/* Is the guard's coroutine still where nginx kept it? t: the index of
- * nginx's table. A coroutine collected since is not there: the table would
- * have kept it. */
-static int still_anchored(lua_State *L, int t, const lsf_guard *gd) {
+/* Is the guard at index g's coroutine still where nginx kept it? t: the
+ * index of nginx's table. The coroutine is the one UV_TRACKED_CO holds
+ * weakly: one collected since is gone (the table would have kept it), and
+ * a live one is compared as an object, never by an address that a new
+ * coroutine could reuse. */
+static int still_anchored(lua_State *L, int t, int g) {
+  const lsf_guard *gd = (const lsf_guard *)lua_touserdata(L, g);
   int there;
+  lua_pushvalue(L, g);
+  lua_rawget(L, UV_TRACKED_CO);
   lua_rawgeti(L, t, gd->anchor);
-  there = lua_type(L, -1) == LUA_TTHREAD && (uintptr_t)lua_tothread(L, -1) == gd->co;
-  lua_pop(L, 1);
+  there = lua_type(L, -2) == LUA_TTHREAD && lua_rawequal(L, -1, -2);
+  lua_pop(L, 2);
   return there;
 }
 
@@ -128,7 +133,7 @@ static void anchors_prune(lua_State *L, lsf_ctx *cx) {
   while (lua_next(L, UV_TRACKED)) { /* guard, true */
     const lsf_guard *gd = (const lsf_guard *)lua_touserdata(L, -2);
     lua_pop(L, 1);
-    if (gd->height == 0 && (!lua_istable(L, t) || !still_anchored(L, t, gd))) {
+    if (gd->height == 0 && (!lua_istable(L, t) || !still_anchored(L, t, lua_gettop(L)))) {
       lua_pushvalue(L, -1);
       lua_pushnil(L);
       lua_rawset(L, UV_TRACKED); /* clearing a field never allocates */
@@ -142,7 +147,10 @@ static void anchors_prune(lua_State *L, lsf_ctx *cx) {
 }
 
 static int track_protected(lua_State *L) {
-  /* 1: the guard, 2: the tracked set */
+  /* 1: the guard, 2: the tracked set, 3: guard -> coroutine (weak) */
+  lua_pushvalue(L, 1);
+  lua_pushthread(L);
+  lua_rawset(L, 3);
   lua_pushvalue(L, 1);
   lua_pushboolean(L, 1);
   lua_rawset(L, 2);
@@ -161,7 +169,8 @@ static void anchors_track(lua_State *L, lsf_ctx *cx) {
   lua_pushthread(L);
   lua_rawget(L, UV_GUARDS);
   lua_pushvalue(L, UV_TRACKED);
-  if (lua_pcall(L, 2, 0, 0) == 0)
+  lua_pushvalue(L, UV_TRACKED_CO);
+  if (lua_pcall(L, 3, 0, 0) == 0)
     cx->ntracked++;
   lua_settop(L, top);
 }
@@ -181,7 +190,7 @@ static int lsf_orphans(lua_State *L) {
   while (lua_next(L, UV_TRACKED)) { /* 3: guard, 4: true */
     const lsf_guard *gd = (const lsf_guard *)lua_touserdata(L, 3);
     lua_pop(L, 1);
-    if (!still_anchored(L, 2, gd)) {
+    if (!still_anchored(L, 2, 3)) {
       if (gd->height > 0) {
         lua_pushvalue(L, 3);
         lua_rawseti(L, 1, ++n);
@@ -219,7 +228,8 @@ static int lsf_anchored(lua_State *L) {
     lua_pushnil(L);
     return 1;
   }
-  lua_pushboolean(L, gd->co == (uintptr_t)co && still_anchored(L, lua_gettop(L), gd));
+  lua_rawgeti(L, -1, gd->anchor);
+  lua_pushboolean(L, lua_tothread(L, -1) == co);
   return 1;
 }
 
@@ -386,7 +396,6 @@ int lsf_guard_install(lua_State *L, lsf_guard *gd) {
   if (L == cx->main_L) {
     cx->main_guard = gd;
   } else if ((gd->anchor = anchor_of_running(L, cx)) > 0) {
-    gd->co = (uintptr_t)L;
     anchors_track(L, cx);
   }
   return 0;
