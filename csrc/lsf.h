@@ -22,7 +22,7 @@
 #include "sf_core.h"
 #include "lsf_compat.h"
 
-#define LSF_VERSION "0.3.0"
+#define LSF_VERSION "0.3.1-dev"
 
 #define GROUP_MT "singleflight.Group"
 #define GUARD_MT "singleflight.Guard"

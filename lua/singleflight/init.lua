@@ -8,7 +8,7 @@
 
 -- "X.Y.Z" in a release, "X.Y.Z-dev" between releases (the next one's
 -- number); tools/bump-version.sh sets it here and in csrc/lsf.h.
-local VERSION = "0.3.0"
+local VERSION = "0.3.1-dev"
 
 local core = require "singleflight.core"
 if core._VERSION ~= VERSION then
