@@ -491,13 +491,6 @@ function app.log_phase()
   book:set("log_phase:" .. key, ok and ("returned " .. tostring(e)) or tostring(e))
 end
 
-function app.content()
-  local name = ngx.var.uri:match("^/shm/([%w_]+)$")
-  local h = name and handlers[name]
-  if not h then
-    return ngx.exit(404)
-  end
-  h(ngx.req.get_uri_args())
-end
+app.content = require("ngx_route")(handlers, "^/shm/([%w_]+)$")
 
 return app

@@ -46,13 +46,6 @@ function handlers.origin()
   ngx.say("calls=", calls, "\nrunning=", running)
 end
 
-function M.content()
-  local name = ngx.var.uri:match("^/(%w+)$")
-  local h = name and handlers[name]
-  if not h then
-    return ngx.exit(404)
-  end
-  h(ngx.req.get_uri_args())
-end
+M.content = require("ngx_route")(handlers)
 
 return M
