@@ -1245,7 +1245,7 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   slots[3] = lua_gettop(L);
   luaL_newmetatable(L, REF_MT);
   slots[4] = lua_gettop(L);
-  lua_createtable(L, 2, 0); /* spares */
+  lua_createtable(L, 3, 0); /* spares, and the leaders' message handler */
   slots[5] = lua_gettop(L);
   lua_newtable(L); /* joins: call -> ref, weak values */
   slots[6] = lua_gettop(L);
