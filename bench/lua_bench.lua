@@ -1,6 +1,6 @@
 --- The Lua benchmarks: g:call against pcall and a plain-Lua singleflight.
 --
---   lua bench/lua_bench.lua speed|memory|floor [scale]
+--   lua bench/lua_bench.lua speed|contention|memory|floor [scale]
 --
 -- Run from the repository root with package.path and package.cpath set to
 -- lua/ and build/<version>/ (bench/run.sh does it). Prints one line per
@@ -417,6 +417,9 @@ if mode == "speed" then
   contention()
   stampede()
   named_groups()
+elseif mode == "contention" then -- the contended rows alone
+  contention()
+  stampede()
 elseif mode == "memory" then
   growth()
   inflight()

@@ -1074,6 +1074,23 @@ static int lsf_running_guard(lua_State *L) {
   return 1;
 }
 
+#if LUA_VERSION_NUM >= 503
+/* meets(guard) -> true when the running coroutine may wait on a call
+ * that guard leads, with a bare yield: it can yield, and it is not that
+ * call's leader (whose own call of the key is a recursion). Both looks in
+ * one crossing, for the duplicates that meet in Lua (flow.lua). */
+static int lsf_meets(lua_State *L) {
+  int meets = 0;
+  if (lua_isyieldable(L)) {
+    lua_pushthread(L);
+    lua_rawget(L, UV_GUARDS);
+    meets = !lua_rawequal(L, -1, 1);
+  }
+  lua_pushboolean(L, meets);
+  return 1;
+}
+#endif
+
 /* options(g) -> the handle's options, or nil; options(g, t) sets them.
  * They live in the handle (its user value), not in a weak table the
  * collector would walk at every cycle. */
@@ -1141,6 +1158,9 @@ static const luaL_Reg functions[] = {
   {"adopt", lsf_adopt},
   {"watch", lsf_watch},
   {"guard", lsf_running_guard},
+#if LUA_VERSION_NUM >= 503
+  {"meets", lsf_meets},
+#endif
   {"set_tiered", lsf_set_tiered},
   {"options", lsf_options},
 #if LSF_HAVE_PCALLK

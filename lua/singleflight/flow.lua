@@ -34,6 +34,7 @@ local core_wait, state, unjoin, leave, release, expire, age, abandon,
       core.expire, core.age, core.abandon, core.abandon_call, core.leaders,
       core.calls, core.now, core.quote, core.count, core.tally, core.joinable
 local current = core.current
+local meets = core.meets -- 5.3 and later: see csrc/lsf.c
 local _, guards = core.fast() -- coroutine -> its guard (weak keys)
 local c_stats = core.methods.stats
 local co_running, co_yield = coroutine.running, coroutine.yield
@@ -76,6 +77,9 @@ M.opts_of = opts_of
 --   counts = {backend -> waiting}, n = waiters, done, ok, v, err, panic,
 --   shared, abandoned }
 local flights = {}
+-- fl.over: how the call ended, in one field for the duplicates that met
+-- in Lua (false while it runs)
+local OVER_OK, OVER_PANIC, OVER_GONE = 1, 2, 3
 
 local function wake_all(fl)
   for be, obj in pairs(fl.objs) do
@@ -90,7 +94,13 @@ end
 local function flight(c)
   local fl = flights[c]
   if not fl then
-    fl = { objs = {}, counts = {}, n = 0 }
+    -- made whole at once, every field it may take set (false for none),
+    -- so that no field added later grows it
+    fl = { objs = {}, counts = {}, n = 0, done = false, abandoned = false,
+           over = false, ok = false, v = false, err = false, panic = false,
+           shared = false, reg = false, key = false, c = false, group = false,
+           opts = false, be = false, auto = false, stake = false, extra = 0,
+           bare = false }
     flights[c] = fl
   end
   return fl
@@ -102,8 +112,8 @@ end
 -- the call is given back. Runs in finalizers too: nothing here allocates.
 local function settle(fl)
   local reg = fl.reg
-  if reg ~= nil then
-    fl.reg = nil
+  if reg then
+    fl.reg = false
     if reg[fl.key] == fl then
       reg[fl.key] = nil
     end
@@ -111,7 +121,7 @@ local function settle(fl)
     tally(fl.group, fl.extra, fl.extra)
     fl.extra = 0
     local stake = fl.stake
-    fl.stake = nil
+    fl.stake = false
     release(stake)
   end
 end
@@ -122,7 +132,7 @@ local function deliver(c, ok, v, err, p, shared)
   if fl then
     flights[c] = nil
     fl.done, fl.ok, fl.v, fl.err, fl.panic, fl.shared = true, ok, v, err, p, shared
-    fl.over = true
+    fl.over = ok and OVER_OK or OVER_PANIC
     settle(fl)
     wake_all(fl)
   end
@@ -136,7 +146,7 @@ local function gone(c, fl)
     if flights[c] == fl then
       flights[c] = nil
     end
-    fl.abandoned, fl.over = true, true
+    fl.abandoned, fl.over = true, OVER_GONE
     settle(fl)
     wake_all(fl)
   end
@@ -151,7 +161,7 @@ end
 -- A waiter leaves fl: the last one out takes it off the table.
 local function drop_waiter(c, fl)
   fl.n = fl.n - 1
-  if fl.n == 0 and flights[c] == fl and fl.reg == nil then -- (see settle)
+  if fl.n == 0 and flights[c] == fl and not fl.reg then -- (see settle)
     flights[c] = nil
   end
 end
@@ -683,41 +693,48 @@ function call(self, key, fn, ...)
     -- the core, which refuses it) or it waits with another backend. (A
     -- registered flight is open: settle takes it off as it ends; and in
     -- nginx the sweep runs while it waits.)
-    if fl ~= nil and guards[co_running()] ~= leader_of[fl] then
-      local be, yields, st = fl.be, fl.bare
-      if fl.auto and backend_of(fl.opts) ~= be then
-        st = false
-      elseif yields then
+    local bare, st = fl ~= nil and fl.bare
+    if bare and meets then -- a fixed backend whose wait is a bare yield
+      st = meets(leader_of[fl]) -- it can yield, and is not the leader
+    elseif fl and guards[co_running()] ~= leader_of[fl] then
+      if bare then
         st = co_isyieldable()
       else
-        st = be.can_wait == nil or be.can_wait()
-      end
-      if st then
-        -- (not counted in fl.n: a registered flight stays in flights
-        -- until it is settled)
-        fl.extra = fl.extra + 1
-        if yields then
-          repeat
-            co_yield()
-          until fl.over
+        local be = fl.be
+        if fl.auto and backend_of(fl.opts) ~= be then
+          st = false
         else
-          local counts = fl.counts
-          counts[be] = counts[be] + 1
-          local wait, obj = be.wait, fl.objs[be]
-          repeat
-            wait(obj)
-          until fl.over
-          counts[be] = counts[be] - 1
+          st = be.can_wait == nil or be.can_wait()
         end
-        if fl.done then
-          if fl.ok then
-            return fl.v, fl.err, true
-          end
-          error(fl.panic, 0) -- the leader's own panic
-        end
-        -- gone: the first waiter back takes over, as any waiter would
-        return join(self, TAKE_OVER, fl.c, nil, fl.key, rerun, fl.opts, fn, ...)
       end
+    end
+    if st then
+      -- (not counted in fl.n: a registered flight stays in flights
+      -- until it is settled)
+      fl.extra = fl.extra + 1
+      if bare then
+        repeat -- (a registered flight is open: yield first)
+          co_yield()
+          st = fl.over
+        until st
+      else
+        local be = fl.be
+        local counts = fl.counts
+        counts[be] = counts[be] + 1
+        local wait, obj = be.wait, fl.objs[be]
+        repeat
+          wait(obj)
+          st = fl.over
+        until st
+        counts[be] = counts[be] - 1
+      end
+      if st == OVER_OK then
+        return fl.v, fl.err, true
+      elseif st == OVER_PANIC then
+        error(fl.panic, 0) -- the leader's own panic
+      end
+      -- gone: the first waiter back takes over, as any waiter would
+      return join(self, TAKE_OVER, fl.c, nil, fl.key, rerun, fl.opts, fn, ...)
     end
   end
   local st, a, b, c, d, e = enter(self, key, fn, ...)
@@ -771,15 +788,17 @@ function call(self, key, fn, ...)
   -- gone (settle): while any of them waits, the leader hands the result
   -- here.
   local staked = false
-  if e ~= nil and fl.reg == nil and not fl.abandoned then
+  if e ~= nil and not fl.reg and not fl.abandoned then
     local reg = joinable[self]
     if reg == nil then
       reg = {}
       joinable[self] = reg
     end
     reg[c] = fl
+    -- (bare: the wait is a bare yield, and no other backend can be
+    -- chosen for a later duplicate)
     fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake, fl.extra, fl.bare =
-      reg, c, a, self, d, be, d.be == nil, b, 0, yields and true or false
+      reg, c, a, self, d, be, d.be == nil, b, 0, yields and d.be ~= nil and true or false
     leader_of[fl] = e
     staked = true
   end
