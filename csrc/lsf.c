@@ -604,10 +604,17 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
   push_options(L, 1, 1);
   *nret = 5;
   if (joined && !sf_group_name(g, NULL)) {
-    /* the leader's guard, which the Lua layer's duplicates that meet in
-     * the call's flight tell apart from their own (a recursion comes
-     * here): a group private to this state only */
-    lua_rawgeti(L, UV_OWNERS, (lua_Integer)sf_call_owner(c));
+    /* the leader's owner id, while its guard lives, which the Lua
+     * layer's duplicates that meet in the call's flight tell apart from
+     * their own guard's (a recursion comes here): a group private to this
+     * state only. An id, not the guard: a flight must not keep its
+     * leader's guard alive, and ids are never given twice. */
+    lua_Integer id = (lua_Integer)sf_call_owner(c);
+    lua_rawgeti(L, UV_OWNERS, id);
+    if (!lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushinteger(L, id);
+    }
     *nret = 6;
   }
   return st;
@@ -1075,16 +1082,18 @@ static int lsf_running_guard(lua_State *L) {
 }
 
 #if LUA_VERSION_NUM >= 503
-/* meets(guard) -> true when the running coroutine may wait on a call
- * that guard leads, with a bare yield: it can yield, and it is not that
- * call's leader (whose own call of the key is a recursion). Both looks in
- * one crossing, for the duplicates that meet in Lua (flow.lua). */
+/* meets(id) -> true when the running coroutine may wait on a call that
+ * the guard of owner id leads, with a bare yield: it can yield, and it is
+ * not that call's leader (whose own call of the key is a recursion). Both
+ * looks in one crossing, for the duplicates that meet in Lua (flow.lua). */
 static int lsf_meets(lua_State *L) {
   int meets = 0;
   if (lua_isyieldable(L)) {
+    const lsf_guard *gd;
     lua_pushthread(L);
-    lua_rawget(L, UV_GUARDS);
-    meets = !lua_rawequal(L, -1, 1);
+    lua_rawget(L, UV_GUARDS); /* its guard, if it has one */
+    gd = (const lsf_guard *)lua_touserdata(L, -1);
+    meets = !gd || (lua_Integer)gd->id != lua_tointeger(L, 1);
   }
   lua_pushboolean(L, meets);
   return 1;
@@ -1332,6 +1341,8 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_setfield(L, module, "Ref");
   lua_pushvalue(L, slots[10]);
   lua_setfield(L, module, "joinable");
+  lua_pushvalue(L, slots[9]);
+  lua_setfield(L, module, "owners");
   lua_pushliteral(L, LSF_VERSION);
   lua_setfield(L, module, "_VERSION");
   for (i = 0; acquire_flags[i].name; i++) {

@@ -82,7 +82,11 @@ local flights = {}
 local OVER_OK, OVER_PANIC, OVER_GONE = 1, 2, 3
 
 local function wake_all(fl)
-  for be, obj in pairs(fl.objs) do
+  local objs = fl.objs
+  if not objs then -- nobody waits through a backend's object
+    return
+  end
+  for be, obj in pairs(objs) do
     local n = fl.counts[be]
     if n > 0 then
       pcall(be.wake, obj, n)
@@ -96,11 +100,13 @@ local function flight(c)
   if not fl then
     -- made whole at once, every field it may take set (false for none),
     -- so that no field added later grows it
-    fl = { objs = {}, counts = {}, n = 0, done = false, abandoned = false,
+    -- (objs and counts are made for the first waiter through a backend's
+    -- wait object: a bare yield has none)
+    fl = { objs = false, counts = false, n = 0, done = false, abandoned = false,
            over = false, ok = false, v = false, err = false, panic = false,
            shared = false, reg = false, key = false, c = false, group = false,
            opts = false, be = false, auto = false, stake = false, extra = 0,
-           bare = false }
+           bare = false, lead = false }
     flights[c] = fl
   end
   return fl
@@ -196,12 +202,29 @@ interpreted(core.Guard.__close)
 interpreted(core.Ref.__gc)
 
 -- Counts one more waiter through be on fl and returns be's wait object.
+-- fl's wait object for be, or nil.
+local function obj_of(fl, be)
+  local objs = fl.objs
+  if objs then
+    return objs[be]
+  end
+end
+
+-- obj becomes fl's wait object for be, with no waiter counted yet.
+local function put_obj(fl, be, obj)
+  local objs = fl.objs
+  if not objs then
+    fl.objs, fl.counts = { [be] = obj }, { [be] = 0 }
+  else
+    objs[be], fl.counts[be] = obj, 0
+  end
+end
+
 local function enlist(fl, be)
-  local obj = fl.objs[be]
+  local obj = obj_of(fl, be)
   if obj == nil then
     obj = be.new and be.new() or true
-    fl.objs[be] = obj
-    fl.counts[be] = 0
+    put_obj(fl, be, obj)
   end
   fl.counts[be] = fl.counts[be] + 1
   return obj
@@ -222,7 +245,7 @@ grows older than max_age (then it expires and is gone). A backend that
 fails raises, the waiter withdrawn from fl's counts.
 ]]
 local function wait_flight(fl, be, ref, c, skey, deadline, max_age)
-  local obj = fl.objs[be]
+  local obj = obj_of(fl, be)
   if obj == nil then
     obj = enlist(fl, be)
   else
@@ -384,7 +407,7 @@ local function wait_local(opts, c, ref, skey, deadline)
     error(cannot_wait_msg(skey, why), 0)
   end
   local ok, e = true, nil
-  if be.never_fails and fl.objs[be] ~= nil then -- nothing here can raise
+  if be.never_fails and obj_of(fl, be) ~= nil then -- nothing here can raise
     wait_flight(fl, be, ref, c, skey, deadline, opts.max_age)
   else
     ok, e = pwait(wait_flight, fl, be, ref, c, skey, deadline, opts.max_age)
@@ -680,9 +703,10 @@ csrc/lsf.c): the core is crossed once per execution, not once per caller.
 ]]
 local IN_NGX = rawget(_G, "ngx") ~= nil
 local call
--- flight -> its leader's guard, held weakly: the guard's finalizer is what
--- sees a collected leader go
-local leader_of = setmetatable({}, { __mode = "kv" })
+-- owner id -> the guard of that id, while it lives (weak values): a
+-- flight keeps its leader's id (fl.lead), never the guard, whose
+-- finalizer is what sees a collected leader go
+local owners = core.owners
 
 function call(self, key, fn, ...)
   local fl = joinable[self]
@@ -695,8 +719,8 @@ function call(self, key, fn, ...)
     -- nginx the sweep runs while it waits.)
     local bare, st = fl ~= nil and fl.bare
     if bare and meets then -- a fixed backend whose wait is a bare yield
-      st = meets(leader_of[fl]) -- it can yield, and is not the leader
-    elseif fl and guards[co_running()] ~= leader_of[fl] then
+      st = meets(fl.lead) -- it can yield, and is not the leader
+    elseif fl and guards[co_running()] ~= owners[fl.lead] then
       if bare then
         st = co_isyieldable()
       else
@@ -752,13 +776,14 @@ function call(self, key, fn, ...)
     return join(self, JOINED, a, b, c, rerun, d, fn, ...)
   end
   -- the flight first: a can_wait that yields finds the result kept there
+  local yields = be.yields and co_isyieldable -- its wait: a bare yield
   fl = flights[a]
-  if fl == nil or fl.objs[be] == nil then
-    -- the call's first waiter here through be: its wait object, and a
-    -- look at whether a finalizer abandoned the call before there was a
-    -- flight to mark
+  if fl == nil or not yields and obj_of(fl, be) == nil then
+    -- the call's first waiter here (through be's wait object): the
+    -- object, and a look at whether a finalizer abandoned the call before
+    -- there was a flight to mark
     local obj = true
-    if be.new then
+    if not yields and be.new then
       local made
       made, obj = pcall(be.new)
       if not made then
@@ -766,14 +791,13 @@ function call(self, key, fn, ...)
       end
     end
     fl = fl or flight(a)
-    if fl.objs[be] == nil then
-      fl.objs[be], fl.counts[be] = obj, 0
+    if not yields then
+      put_obj(fl, be, obj)
     end
     if state(b) == "abandoned" then
       gone(a, fl)
     end
   end
-  local yields = be.yields and co_isyieldable -- its wait: a bare yield
   if yields then
     st = co_isyieldable()
   else
@@ -783,10 +807,10 @@ function call(self, key, fn, ...)
     return join(self, JOINED, a, b, c, rerun, d, fn, ...)
   end
   -- The later duplicates of a call of a group private to this state (e:
-  -- the leader's guard) meet in its flight, in Lua; this joiner's core
-  -- reference becomes the flight's, given back when the call is done or
-  -- gone (settle): while any of them waits, the leader hands the result
-  -- here.
+  -- its leader's owner id, while the leader's guard lives) meet in its
+  -- flight, in Lua; this joiner's core reference becomes the flight's,
+  -- given back when the call is done or gone (settle): while any of them
+  -- waits, the leader hands the result here.
   local staked = false
   if e ~= nil and not fl.reg and not fl.abandoned then
     local reg = joinable[self]
@@ -797,12 +821,11 @@ function call(self, key, fn, ...)
     reg[c] = fl
     -- (bare: the wait is a bare yield, and no other backend can be
     -- chosen for a later duplicate)
-    fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake, fl.extra, fl.bare =
-      reg, c, a, self, d, be, d.be == nil, b, 0, yields and d.be ~= nil and true or false
-    leader_of[fl] = e
+    fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake =
+      reg, c, a, self, d, be, d.be == nil, b
+    fl.extra, fl.bare, fl.lead = 0, yields and d.be ~= nil and true or false, e
     staked = true
   end
-  e = nil -- luacheck: ignore 311 (this frame waits: it must not keep the guard alive)
   -- counted in the flight, which stays in flights while n > 0; a bare
   -- yield's wake does nothing, and needs no count
   fl.n = fl.n + 1
