@@ -158,6 +158,52 @@ local function uncontended()
   end
 end
 
+-- Uncontended, with an fn that yields once, as every cosocket call does
+-- (LuaJIT compiles a trivial fn, and plain Lua's flow around it, away):
+-- one coroutine makes n calls of one key, nobody else calls, the driver
+-- resumes it until it is done. Returns ns per call, resume included.
+local function yielding_once(g, n)
+  local function fn()
+    co_yield()
+    return true
+  end
+  local co = co_create(function()
+    for _ = 1, n do
+      g:call("key", fn)
+    end
+  end)
+  local t = clock()
+  repeat
+    local ok, e = co_resume(co)
+    if not ok then
+      error(e, 0)
+    end
+  until co_status(co) == "dead"
+  return (clock() - t) / n * 1e9
+end
+
+local function uncontended_yielding()
+  local n, rounds = scaled(300000, 100), 7
+  local g, p = singleflight.new { backend = "coroutine" }, plain.new()
+  local tc, tp = {}, {}
+  yielding_once(g, math.floor(n / 10)) -- warm up
+  if PLAIN_YIELDS then
+    yielding_once(p, math.floor(n / 10))
+  end
+  for r = 1, rounds do
+    tc[r] = yielding_once(g, n)
+    if PLAIN_YIELDS then
+      tp[r] = yielding_once(p, n)
+    end
+  end
+  local st = g:stats()
+  assert(st.executions == st.calls and st.shared == 0, "every call led, alone")
+  out("yield_call_ns", median(tc))
+  if PLAIN_YIELDS then
+    out("yield_plain_ns", median(tp))
+  end
+end
+
 -- Same key under contention: `ncos` coroutines each make `calls` calls of
 -- one key; fn yields once, so the callers of a round share one execution.
 -- Returns ns per call (scheduler included) and executions.
@@ -414,10 +460,12 @@ end
 
 if mode == "speed" then
   uncontended()
+  uncontended_yielding()
   contention()
   stampede()
   named_groups()
-elseif mode == "contention" then -- the contended rows alone
+elseif mode == "contention" then -- the rows of a fn that yields, alone
+  uncontended_yielding()
   contention()
   stampede()
 elseif mode == "memory" then
