@@ -709,7 +709,7 @@ local call
 local owners = core.owners
 
 function call(self, key, fn, ...)
-  local fl = joinable[self]
+  local fl, bare, st = joinable[self]
   if fl ~= nil then
     fl = fl[key]
     -- a duplicate of a call its other duplicates wait on: it meets them
@@ -717,7 +717,7 @@ function call(self, key, fn, ...)
     -- the core, which refuses it) or it waits with another backend. (A
     -- registered flight is open: settle takes it off as it ends; and in
     -- nginx the sweep runs while it waits.)
-    local bare, st = fl ~= nil and fl.bare
+    bare = fl ~= nil and fl.bare
     if bare and meets then -- a fixed backend whose wait is a bare yield
       st = meets(fl.lead) -- it can yield, and is not the leader
     elseif fl and guards[co_running()] ~= owners[fl.lead] then
@@ -732,125 +732,116 @@ function call(self, key, fn, ...)
         end
       end
     end
-    if st then
-      -- (not counted in fl.n: a registered flight stays in flights
-      -- until it is settled)
-      fl.extra = fl.extra + 1
-      if bare then
-        repeat -- (a registered flight is open: yield first)
-          co_yield()
-          st = fl.over
-        until st
-      else
-        local be = fl.be
-        local counts = fl.counts
-        counts[be] = counts[be] + 1
-        local wait, obj = be.wait, fl.objs[be]
-        repeat
-          wait(obj)
-          st = fl.over
-        until st
-        counts[be] = counts[be] - 1
-      end
-      if st == OVER_OK then
-        return fl.v, fl.err, true
-      elseif st == OVER_PANIC then
-        error(fl.panic, 0) -- the leader's own panic
-      end
-      -- gone: the first waiter back takes over, as any waiter would
-      return join(self, TAKE_OVER, fl.c, nil, fl.key, rerun, fl.opts, fn, ...)
-    end
   end
-  local st, a, b, c, d, e = enter(self, key, fn, ...)
-  if st == DONE and acquire_first then -- leads it: a is the call, c the key
-    st, a, b, c, d = lead(self, a, c, fn, ...)
-  end
-  if st == DONE then
-    return a, b, c
-  elseif st ~= JOINED then
-    return after(self, key, fn, rerun, st, a, b, c, d, ...)
-  end
-  d = d or DEFAULTS
-  local be = d.be or backend_of(d)
-  if d.timeout or d.max_age or not be.never_fails or (not sweeping and IN_NGX) then
-    return join(self, JOINED, a, b, c, rerun, d, fn, ...)
-  end
-  -- the flight first: a can_wait that yields finds the result kept there
-  local yields = be.yields and co_isyieldable -- its wait: a bare yield
-  fl = flights[a]
-  if fl == nil or not yields and obj_of(fl, be) == nil then
-    -- the call's first waiter here (through be's wait object): the
-    -- object, and a look at whether a finalizer abandoned the call before
-    -- there was a flight to mark
-    local obj = true
-    if not yields and be.new then
-      local made
-      made, obj = pcall(be.new)
-      if not made then
-        return join(self, JOINED, a, b, c, rerun, d, fn, ...)
-      end
-    end
-    fl = fl or flight(a)
-    if not yields then
-      put_obj(fl, be, obj)
-    end
-    if state(b) == "abandoned" then
-      gone(a, fl)
-    end
-  end
-  if yields then
-    st = co_isyieldable()
+  local a, b, c, d, e, be, staked
+  if st then
+    -- met: counted here, not in fl.n (a registered flight stays in
+    -- flights until it is settled); the flight's stake holds the call
+    fl.extra = fl.extra + 1
   else
-    st = be.can_wait == nil or be.can_wait()
+    st, a, b, c, d, e = enter(self, key, fn, ...)
+    if st == DONE and acquire_first then -- leads it: a is the call, c the key
+      st, a, b, c, d = lead(self, a, c, fn, ...)
+    end
+    if st == DONE then
+      return a, b, c
+    elseif st ~= JOINED then
+      return after(self, key, fn, rerun, st, a, b, c, d, ...)
+    end
+    d = d or DEFAULTS
+    be = d.be or backend_of(d)
+    if d.timeout or d.max_age or not be.never_fails or (not sweeping and IN_NGX) then
+      return join(self, JOINED, a, b, c, rerun, d, fn, ...)
+    end
+    -- the flight first: a can_wait that yields finds the result kept there
+    -- its wait: a bare yield (a fixed backend only: an "auto" one may be
+    -- another for a later duplicate, which meets through wait objects)
+    bare = be.yields and d.be ~= nil and co_isyieldable
+    fl = flights[a]
+    if fl == nil or not bare and obj_of(fl, be) == nil then
+      -- the call's first waiter here (through be's wait object): the
+      -- object, and a look at whether a finalizer abandoned the call
+      -- before there was a flight to mark
+      local obj = true
+      if not bare and be.new then
+        local made
+        made, obj = pcall(be.new)
+        if not made then
+          return join(self, JOINED, a, b, c, rerun, d, fn, ...)
+        end
+      end
+      fl = fl or flight(a)
+      if not bare then
+        put_obj(fl, be, obj)
+      end
+      if state(b) == "abandoned" then
+        gone(a, fl)
+      end
+    end
+    if bare then
+      st = co_isyieldable()
+    else
+      st = be.can_wait == nil or be.can_wait()
+    end
+    if not st then
+      return join(self, JOINED, a, b, c, rerun, d, fn, ...)
+    end
+    -- The later duplicates of a call of a group private to this state (e:
+    -- its leader's owner id, while the leader's guard lives) meet in its
+    -- flight, in Lua; this joiner's core reference becomes the flight's,
+    -- given back when the call is done or gone (settle): while any of
+    -- them waits, the leader hands the result here.
+    staked = false
+    if e ~= nil and not fl.reg and not fl.abandoned then
+      local reg = joinable[self]
+      if reg == nil then
+        reg = {}
+        joinable[self] = reg
+      end
+      reg[c] = fl
+      fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake =
+        reg, c, a, self, d, be, d.be == nil, b
+      fl.extra, fl.bare, fl.lead = 0, bare and true or false, e
+      staked = true
+    end
+    -- counted in the flight, which stays in flights while n > 0
+    fl.n = fl.n + 1
   end
+  -- The wait, until the call is done or gone (fl.over: how it ended). A
+  -- bare yield's wake does nothing, and needs no count.
+  st = fl.over -- (set already where a finalizer went first: see above)
   if not st then
-    return join(self, JOINED, a, b, c, rerun, d, fn, ...)
-  end
-  -- The later duplicates of a call of a group private to this state (e:
-  -- its leader's owner id, while the leader's guard lives) meet in its
-  -- flight, in Lua; this joiner's core reference becomes the flight's,
-  -- given back when the call is done or gone (settle): while any of them
-  -- waits, the leader hands the result here.
-  local staked = false
-  if e ~= nil and not fl.reg and not fl.abandoned then
-    local reg = joinable[self]
-    if reg == nil then
-      reg = {}
-      joinable[self] = reg
+    if bare then
+      repeat
+        co_yield()
+        st = fl.over
+      until st
+    else
+      be = be or fl.be
+      local counts = fl.counts
+      counts[be] = counts[be] + 1
+      local wait, obj = be.wait, fl.objs[be]
+      repeat
+        wait(obj)
+        st = fl.over
+      until st
+      counts[be] = counts[be] - 1
     end
-    reg[c] = fl
-    -- (bare: the wait is a bare yield, and no other backend can be
-    -- chosen for a later duplicate)
-    fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake =
-      reg, c, a, self, d, be, d.be == nil, b
-    fl.extra, fl.bare, fl.lead = 0, yields and d.be ~= nil and true or false, e
-    staked = true
   end
-  -- counted in the flight, which stays in flights while n > 0; a bare
-  -- yield's wake does nothing, and needs no count
-  fl.n = fl.n + 1
-  if yields then
-    while not (fl.done or fl.abandoned) do
-      co_yield()
+  if b ~= nil then -- joined in the core
+    fl.n = fl.n - 1 -- done or gone took the flight off flights already
+    if not staked then
+      release(b)
     end
-  else
-    local counts = fl.counts
-    counts[be] = counts[be] + 1
-    local wait, obj = be.wait, fl.objs[be]
-    while not (fl.done or fl.abandoned) do
-      wait(obj)
-    end
-    counts[be] = counts[be] - 1
   end
-  fl.n = fl.n - 1 -- done or gone took the flight off flights already
-  if not staked then
-    release(b)
-  end
-  if fl.done then
-    if fl.ok then
-      return fl.v, fl.err, true
-    end
+  if st == OVER_OK then
+    return fl.v, fl.err, true
+  elseif st == OVER_PANIC then
     error(fl.panic, 0) -- the leader's own panic
+  end
+  -- gone: the first waiter back takes over, as any waiter would
+  if b == nil then
+    a, c, d = fl.c, fl.key, fl.opts
   end
   return join(self, TAKE_OVER, a, nil, c, rerun, d, fn, ...)
 end
