@@ -34,7 +34,6 @@ local core_wait, state, unjoin, leave, release, expire, age, abandon,
       core.expire, core.age, core.abandon, core.abandon_call, core.leaders,
       core.calls, core.now, core.quote, core.count, core.tally, core.joinable
 local current = core.current
-local meets = core.meets -- 5.3 and later: see csrc/lsf.c
 local _, guards = core.fast() -- coroutine -> its guard (weak keys)
 local c_stats = core.methods.stats
 local co_running, co_yield = coroutine.running, coroutine.yield
@@ -708,6 +707,14 @@ local call
 -- finalizer is what sees a collected leader go
 local owners = core.owners
 
+-- Whether the running coroutine may wait, with a bare yield, on a call
+-- whose leader has owner id: it can yield, and it is not that leader
+-- (whose own call of the key is a recursion). In one crossing where the
+-- binding has it (5.3 and later); coroutine.isyieldable is on LuaJIT too.
+local meets = core.meets or co_isyieldable and function(id)
+  return co_isyieldable() and guards[co_running()] ~= owners[id]
+end
+
 function call(self, key, fn, ...)
   local fl, bare, st = joinable[self]
   if fl ~= nil then
@@ -717,13 +724,11 @@ function call(self, key, fn, ...)
     -- the core, which refuses it) or it waits with another backend. (A
     -- registered flight is open: settle takes it off as it ends; and in
     -- nginx the sweep runs while it waits.)
-    bare = fl ~= nil and fl.bare
-    if bare and meets then -- a fixed backend whose wait is a bare yield
-      st = meets(fl.lead) -- it can yield, and is not the leader
-    elseif fl and guards[co_running()] ~= owners[fl.lead] then
-      if bare then
-        st = co_isyieldable()
-      else
+    if fl ~= nil then
+      bare = fl.bare
+      if bare then -- a fixed backend whose wait is a bare yield
+        st = meets(fl.lead)
+      elseif guards[co_running()] ~= owners[fl.lead] then
         local be = fl.be
         if fl.auto and backend_of(fl.opts) ~= be then
           st = false
