@@ -25,6 +25,7 @@ build = {
     ["singleflight.backends"] = "lua/singleflight/backends.lua",
     ["singleflight.codec"] = "lua/singleflight/codec.lua",
     ["singleflight.flow"] = "lua/singleflight/flow.lua",
+    ["singleflight.frames"] = "lua/singleflight/frames.lua",
     ["singleflight.future"] = "lua/singleflight/future.lua",
     ["singleflight.options"] = "lua/singleflight/options.lua",
     ["singleflight.panic"] = "lua/singleflight/panic.lua",

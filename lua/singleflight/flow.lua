@@ -23,6 +23,7 @@ local panic = require "singleflight.panic"
 local runner = require "singleflight.runner"
 local backends = require "singleflight.backends"
 local options = require "singleflight.options"
+local frames = require "singleflight.frames"
 
 local error, next, pairs, pcall, rawget, select, setmetatable, tonumber, type =
       error, next, pairs, pcall, rawget, select, setmetatable, tonumber, type
@@ -41,7 +42,6 @@ local co_isyieldable = coroutine.isyieldable
 -- the status Lua itself keeps: OpenResty's coroutine.status reads the
 -- bookkeeping of the coroutine's request, which is freed when it ends
 local co_status = rawget(coroutine, "_status") or coroutine.status
-local getinfo, getlocal = debug.getinfo, debug.getlocal
 local panic_of, new_panic = panic.of, panic.new
 local resolve, cannot_wait, interpreted =
       backends.resolve, backends.cannot_wait, backends.interpreted
@@ -562,8 +562,8 @@ end
 -- waits.
 
 -- Is a leader frame of call c on co's stack? Leader frames (the Lua ones
--- of LuaJIT, where OpenResty runs) keep the call in a local named sf_call:
--- the call itself, or its address (a number) on the FFI's fast path.
+-- of LuaJIT, where OpenResty runs) keep the call among their locals: the
+-- call itself, or its address (a number) on the FFI's fast path.
 local leader_frames = {}
 local address = function() end
 if rawget(_G, "jit") then
@@ -576,35 +576,7 @@ if rawget(_G, "jit") then
 end
 
 local function led_on(co, c)
-  local running = co == co_running()
-  local level = running and 1 or 0
-  while true do
-    local info
-    if running then
-      info = getinfo(level, "f")
-    else
-      info = getinfo(co, level, "f")
-    end
-    if not info then
-      return false
-    end
-    if leader_frames[info.func] then
-      for i = 1, 8 do
-        local name, v
-        if running then
-          name, v = getlocal(level, i)
-        else
-          name, v = getlocal(co, level, i)
-        end
-        if name == nil then
-          break
-        elseif name == "sf_call" and (v == c or v == address(c)) then
-          return true
-        end
-      end
-    end
-    level = level + 1
-  end
+  return frames.holds(co, leader_frames, c, address(c))
 end
 
 -- The running coroutine already leads c (held by guard gd): a recursion,
@@ -885,8 +857,8 @@ if rawget(_G, "jit") then
     -- The rest of a fast lead that someone waits on, or whose fn raised:
     -- settled's statuses need no fn (no take-over); the handle, for an
     -- expired call's answer.
-    local function slow_end(self, key, sf_call, ok, v, err)
-      local c = call_at(sf_call)
+    local function slow_end(self, key, caddr, ok, v, err)
+      local c = call_at(caddr)
       if not ok then
         return after(self, key, nil, rerun, settled(c, key, false, v))
       end
@@ -924,7 +896,7 @@ if rawget(_G, "jit") then
         return classic(self, key, fn, x, y)
       end
       -- a number, not a pointer: it is only compared with the guard's calls
-      local sf_call = tonumber(addr[0])
+      local caddr = tonumber(addr[0])
       if n == 0 then
         n, x, y = xpcall(fn, handler)
       elseif n == 1 then
@@ -933,12 +905,12 @@ if rawget(_G, "jit") then
         n, x, y = xpcall(fn, handler, x, y)
       end
       if n then -- x, y: fn's v, err
-        local shared = fast_finish(gd, sf_call)
+        local shared = fast_finish(gd, caddr)
         if shared >= 0 then
           return x, y, shared == 1
         end
       end
-      return slow_end(self, key, sf_call, n, x, y)
+      return slow_end(self, key, caddr, n, x, y)
     end
 
     -- The same for an fn without arguments (the most common: a closure),
@@ -956,15 +928,15 @@ if rawget(_G, "jit") then
       if fast_lead(self, key, #key, gd, COUNT, addr) ~= 0 then
         return classic(self, key, fn)
       end
-      local sf_call = tonumber(addr[0])
+      local caddr = tonumber(addr[0])
       local ok, v, err = xpcall(fn, handler)
       if ok then
-        gd = fast_finish(gd, sf_call) -- whether anyone joined, or -1
+        gd = fast_finish(gd, caddr) -- whether anyone joined, or -1
         if gd >= 0 then
           return v, err, gd == 1
         end
       end
-      return slow_end(self, key, sf_call, ok, v, err)
+      return slow_end(self, key, caddr, ok, v, err)
     end
     M.lead_fast, M.lead_fast0 = lead_fast, lead_fast0
 

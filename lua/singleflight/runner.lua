@@ -325,15 +325,16 @@ if core.run then
   end
 else
   -- Its frame is the leader's while fn runs: the sweep of flow.lua looks
-  -- for such frames, by the local that holds the call, sf_call.
+  -- for such frames, holding the call among their locals
+  -- (singleflight.frames).
   local lead
   if LUA51 then
-    lead = function(_, sf_call, key, fn, ...)
-      return settled(sf_call, key, protect(true, fn, ...))
+    lead = function(_, c, key, fn, ...)
+      return settled(c, key, protect(true, fn, ...))
     end
   else
-    lead = function(_, sf_call, key, fn, ...)
-      return settled(sf_call, key, xpcall(fn, handler, ...))
+    lead = function(_, c, key, fn, ...)
+      return settled(c, key, xpcall(fn, handler, ...))
     end
   end
   M.lead = lead
