@@ -1144,6 +1144,32 @@ static int lsf_footprint(lua_State *L) {
   return 1;
 }
 
+/* interpose(what, name, fn) -> the value fn replaces: the one way the Lua
+ * layer puts its functions into the binding's tables. what is "methods"
+ * (a group's methods: call, stats, ...), "Guard" or "Ref" (the holders'
+ * metatables: their finalizers, which hand a call that lost its holder
+ * to the Lua layer). */
+static int lsf_interpose(lua_State *L) {
+  static const char *const whats[] = {"methods", "Guard", "Ref", NULL};
+  int what = luaL_checkoption(L, 1, NULL, whats);
+  luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  if (what == 0) {
+    lua_getfield(L, UV_GROUP_MT, "__index");
+  } else {
+    const char *name = lua_tostring(L, 2);
+    luaL_argcheck(L, !strcmp(name, "__gc") || !strcmp(name, "__close"), 2,
+                  "a holder's __gc or __close expected");
+    lua_pushvalue(L, what == 1 ? UV_GUARD_MT : UV_REF_MT);
+  }
+  lua_pushvalue(L, 2);
+  lua_rawget(L, -2); /* the old one */
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, 3);
+  lua_rawset(L, -4);
+  return 1;
+}
+
 /* quote(s): s as the module's messages show keys. */
 static int lsf_quote(lua_State *L) {
   size_t len;
@@ -1186,6 +1212,7 @@ static const luaL_Reg functions[] = {
   {"footprint", lsf_footprint},
   {"named", lsf_named},
   {"quote", lsf_quote},
+  {"interpose", lsf_interpose},
   {"tally", lsf_tally},
   {"current", lsf_current},
   {NULL, NULL}

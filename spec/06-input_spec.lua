@@ -365,3 +365,38 @@ describe("input", function()
     end)
   end)
 end)
+
+-- The binding's one entry point for the Lua layer's functions: what it
+-- refuses changes nothing, and it gives back what it replaced.
+describe("core.interpose", function()
+  local core = require "singleflight.core"
+
+  it("refuses what is not a table it keeps, a holder's finalizer, or a function",
+     function()
+    local g = singleflight.new { backend = "coroutine" }
+    local call = g.call
+    for _, args in ipairs {
+      { "group", "call", function() end },
+      { "Guard", "__index", function() end },
+      { "Ref", "wait", function() end },
+      { "methods", "call", "not a function" },
+      { "methods", nil, function() end },
+    } do
+      local ok, e = pcall(core.interpose, args[1], args[2], args[3])
+      assert.is_false(ok)
+      assert.matches("^bad argument #%d to '[^']*' %(", e)
+    end
+    assert.equal(call, g.call)
+    assert.equal("v", (g:call("k", function() return "v" end)))
+  end)
+
+  it("gives back the function it replaces, which a second call puts back", function()
+    local g = singleflight.new()
+    local call = g.call
+    local function mine() return "mine" end
+    assert.equal(call, core.interpose("methods", "call", mine))
+    assert.equal("mine", g:call("k", function() return "v" end))
+    assert.equal(mine, core.interpose("methods", "call", call))
+    assert.equal("v", (g:call("k", function() return "v" end)))
+  end)
+end)

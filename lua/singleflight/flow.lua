@@ -172,21 +172,20 @@ local function drop_waiter(c, fl)
 end
 
 -- The holders' finalizers: a guard whose coroutine went away, or was
--- closed inside a leader's frame (5.4), and a ref let go of.
-core.Guard.__gc = function(gd)
+-- closed inside a leader's frame (5.4), and a ref let go of. The binding
+-- takes them through its one entry point for the Lua layer's functions.
+local function guard_gc(gd)
   gone_all(abandon(gd))
 end
-if core.closes then
-  core.Guard.__close = function(gd)
-    local list = abandon(gd, true) -- nothing, on every normal return
-    if list then
-      for i = 1, #list do
-        gone(list[i])
-      end
+local function guard_close(gd)
+  local list = abandon(gd, true) -- nothing, on every normal return
+  if list then
+    for i = 1, #list do
+      gone(list[i])
     end
   end
 end
-core.Ref.__gc = function(ref)
+local function ref_gc(ref)
   local c, led = release(ref, true)
   if led then
     gone(c)
@@ -196,9 +195,14 @@ interpreted(wake_all)
 interpreted(settle)
 interpreted(gone)
 interpreted(gone_all)
-interpreted(core.Guard.__gc)
-interpreted(core.Guard.__close)
-interpreted(core.Ref.__gc)
+interpreted(guard_gc)
+interpreted(guard_close)
+interpreted(ref_gc)
+core.interpose("Guard", "__gc", guard_gc)
+if core.closes then
+  core.interpose("Guard", "__close", guard_close)
+end
+core.interpose("Ref", "__gc", ref_gc)
 
 -- Counts one more waiter through be on fl and returns be's wait object.
 -- fl's wait object for be, or nil.

@@ -37,12 +37,14 @@ local M = {
   running = runner.running,
 }
 
-local methods = core.methods
-methods.call = flow.call
-methods["do"] = flow.call
-methods.stats = flow.stats
-methods.start = future.start
-methods.start_detached = future.start_detached
+-- A group's methods that the Lua layer makes, put in by the binding's
+-- one entry point for them
+local interpose = core.interpose
+interpose("methods", "call", flow.call)
+interpose("methods", "do", flow.call)
+interpose("methods", "stats", flow.stats)
+interpose("methods", "start", future.start)
+interpose("methods", "start_detached", future.start_detached)
 
 -- With the shm option, g's calls go through the nginx workers' tier
 -- (singleflight.shm, loaded on first use).
