@@ -23,28 +23,23 @@ local panic = require "singleflight.panic"
 local runner = require "singleflight.runner"
 local backends = require "singleflight.backends"
 local options = require "singleflight.options"
-local frames = require "singleflight.frames"
+local flights_m = require "singleflight.flights"
+local liveness = require "singleflight.liveness"
 
-local error, next, pairs, pcall, rawget, select, setmetatable, tonumber, type =
-      error, next, pairs, pcall, rawget, select, setmetatable, tonumber, type
-local sfmt = string.format
+local error, next, pcall, rawget, select, setmetatable, tonumber, type =
+      error, next, pcall, rawget, select, setmetatable, tonumber, type
 
-local core_wait, state, unjoin, leave, release, expire, age, abandon,
-      abandon_call, leaders, calls, now, quote, core_count, tally, joinable =
+local core_wait, state, unjoin, leave, release, expire, age, now,
+      core_count, tally, joinable =
       core.wait, core.state, core.unjoin, core.leave, core.release,
-      core.expire, core.age, core.abandon, core.abandon_call, core.leaders,
-      core.calls, core.now, core.quote, core.count, core.tally, core.joinable
+      core.expire, core.age, core.now, core.count, core.tally, core.joinable
 local current = core.current
 local _, guards = core.fast() -- coroutine -> its guard (weak keys)
 local c_stats = core.methods.stats
 local co_running, co_yield = coroutine.running, coroutine.yield
 local co_isyieldable = coroutine.isyieldable
--- the status Lua itself keeps: OpenResty's coroutine.status reads the
--- bookkeeping of the coroutine's request, which is freed when it ends
-local co_status = rawget(coroutine, "_status") or coroutine.status
 local panic_of, new_panic = panic.of, panic.new
-local resolve, cannot_wait, interpreted =
-      backends.resolve, backends.cannot_wait, backends.interpreted
+local resolve, cannot_wait = backends.resolve, backends.cannot_wait
 local DEFAULTS = options.DEFAULTS
 
 local ST = core.ST -- the binding's statuses, by name (see csrc/lsf.c)
@@ -52,9 +47,16 @@ local DONE, JOINED, RECURSIVE, PANICKED, DELIVER, TIERED, DONE_GONE, PANICKED_GO
       ST.DONE, ST.JOINED, ST.RECURSIVE, ST.PANICKED, ST.DELIVER, ST.TIERED, ST.DONE_GONE,
       ST.PANICKED_GONE
 local TIMEOUT = "singleflight: wait timed out"
-local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 
 local M = { TIMEOUT = TIMEOUT }
+
+-- The flights: the same-state waiters of one call (singleflight.flights)
+local flights, flight, deliver, gone, drop_waiter, obj_of, put_obj,
+      wait_flight, cannot_wait_msg, pwait =
+      flights_m.flights, flights_m.flight, flights_m.deliver, flights_m.gone,
+      flights_m.drop_waiter, flights_m.obj_of, flights_m.put_obj,
+      flights_m.wait_flight, flights_m.cannot_wait_msg, flights_m.pwait
+local OVER_OK, OVER_PANIC = flights_m.OVER_OK, flights_m.OVER_PANIC
 
 -- handle -> its options, kept in the handle itself (a weak table of
 -- handles would be walked by the collector at every cycle)
@@ -70,235 +72,6 @@ local opts_of = setmetatable({}, {
 M.opts_of = opts_of
 
 ---------------------------------------------------------------------------
--- Flights: the same-state waiters of one call
-
--- call (light userdata) -> { objs = {backend -> wait object},
---   counts = {backend -> waiting}, n = waiters, done, ok, v, err, panic,
---   shared, abandoned }
-local flights = {}
--- fl.over: how the call ended, in one field for the duplicates that met
--- in Lua (false while it runs)
-local OVER_OK, OVER_PANIC, OVER_GONE = 1, 2, 3
-
-local function wake_all(fl)
-  local objs = fl.objs
-  if not objs then -- nobody waits through a backend's object
-    return
-  end
-  for be, obj in pairs(objs) do
-    local n = fl.counts[be]
-    if n > 0 then
-      pcall(be.wake, obj, n)
-    end
-  end
-end
-
---- The flight of call c, made if there is none.
-local function flight(c)
-  local fl = flights[c]
-  if not fl then
-    -- made whole at once, every field it may take set (false for none),
-    -- so that no field added later grows it
-    -- (objs and counts are made for the first waiter through a backend's
-    -- wait object: a bare yield has none)
-    fl = { objs = false, counts = false, n = 0, done = false, abandoned = false,
-           over = false, ok = false, v = false, err = false, panic = false,
-           shared = false, reg = false, key = false, c = false, group = false,
-           opts = false, be = false, auto = false, stake = false, extra = 0,
-           bare = false, lead = false }
-    flights[c] = fl
-  end
-  return fl
-end
-
--- A flight registered for duplicates that meet in Lua (see M.call) whose
--- call is done or gone: later callers of the key go to the core again,
--- the duplicates that met here are counted, and the flight's reference on
--- the call is given back. Runs in finalizers too: nothing here allocates.
-local function settle(fl)
-  local reg = fl.reg
-  if reg then
-    fl.reg = false
-    if reg[fl.key] == fl then
-      reg[fl.key] = nil
-    end
-    -- the calls not counted yet, each one that joined (as the core counts)
-    tally(fl.group, fl.extra, fl.extra)
-    fl.extra = 0
-    local stake = fl.stake
-    fl.stake = false
-    release(stake)
-  end
-end
-
--- The leader's result reaches the flight of c.
-local function deliver(c, ok, v, err, p, shared)
-  local fl = flights[c]
-  if fl then
-    flights[c] = nil
-    fl.done, fl.ok, fl.v, fl.err, fl.panic, fl.shared = true, ok, v, err, p, shared
-    fl.over = ok and OVER_OK or OVER_PANIC
-    settle(fl)
-    wake_all(fl)
-  end
-end
-
--- The call c (or, for fl, the call it was made for) went away without a
--- result: its waiters take over.
-local function gone(c, fl)
-  fl = fl or flights[c]
-  if fl then
-    if flights[c] == fl then
-      flights[c] = nil
-    end
-    fl.abandoned, fl.over = true, OVER_GONE
-    settle(fl)
-    wake_all(fl)
-  end
-end
-
-local function gone_all(...)
-  for i = 1, select("#", ...) do
-    gone((select(i, ...)))
-  end
-end
-
--- A waiter leaves fl: the last one out takes it off the table.
-local function drop_waiter(c, fl)
-  fl.n = fl.n - 1
-  if fl.n == 0 and flights[c] == fl and not fl.reg then -- (see settle)
-    flights[c] = nil
-  end
-end
-
--- The holders' finalizers: a guard whose coroutine went away, or was
--- closed inside a leader's frame (5.4), and a ref let go of. The binding
--- takes them through its one entry point for the Lua layer's functions.
-local function guard_gc(gd)
-  gone_all(abandon(gd))
-end
-local function guard_close(gd)
-  local list = abandon(gd, true) -- nothing, on every normal return
-  if list then
-    for i = 1, #list do
-      gone(list[i])
-    end
-  end
-end
-local function ref_gc(ref)
-  local c, led = release(ref, true)
-  if led then
-    gone(c)
-  end
-end
-interpreted(wake_all)
-interpreted(settle)
-interpreted(gone)
-interpreted(gone_all)
-interpreted(guard_gc)
-interpreted(guard_close)
-interpreted(ref_gc)
-core.interpose("Guard", "__gc", guard_gc)
-if core.closes then
-  core.interpose("Guard", "__close", guard_close)
-end
-core.interpose("Ref", "__gc", ref_gc)
-
--- Counts one more waiter through be on fl and returns be's wait object.
--- fl's wait object for be, or nil.
-local function obj_of(fl, be)
-  local objs = fl.objs
-  if objs then
-    return objs[be]
-  end
-end
-
--- obj becomes fl's wait object for be, with no waiter counted yet.
-local function put_obj(fl, be, obj)
-  local objs = fl.objs
-  if not objs then
-    fl.objs, fl.counts = { [be] = obj }, { [be] = 0 }
-  else
-    objs[be], fl.counts[be] = obj, 0
-  end
-end
-
-local function enlist(fl, be)
-  local obj = obj_of(fl, be)
-  if obj == nil then
-    obj = be.new and be.new() or true
-    put_obj(fl, be, obj)
-  end
-  fl.counts[be] = fl.counts[be] + 1
-  return obj
-end
-
-local function cannot_wait_msg(skey, why)
-  return sfmt("singleflight: cannot wait for key %s: %s", quote(skey), why)
-end
-
--- The backend's wait, protected where a protected call can yield (not on
--- Lua 5.1), so that a wait that fails leaves the call as it found it.
-local pwait = LUA51 and function(f, ...) return true, f(...) end or pcall
-
---[[
-Waits through be, as one more waiter of fl (the flight of call c, held by
-ref), until the call is done or gone, the deadline passes, or the call
-grows older than max_age (then it expires and is gone). A backend that
-fails raises, the waiter withdrawn from fl's counts.
-]]
-local function wait_flight(fl, be, ref, c, skey, deadline, max_age)
-  local obj = obj_of(fl, be)
-  if obj == nil then
-    obj = enlist(fl, be)
-  else
-    fl.counts[be] = fl.counts[be] + 1
-  end
-  -- gone before this waiter was in the flight (a finalizer ran meanwhile),
-  -- or expired from another state: nobody will wake the flight for that
-  if state(ref) == "abandoned" then
-    gone(c, fl)
-  end
-  local wait, safe = be.wait, be.never_fails
-  while not fl.done and not fl.abandoned do
-    local remaining
-    if deadline then
-      remaining = deadline - now()
-      if remaining <= 0 then
-        break
-      end
-    end
-    if max_age then
-      local rest = max_age - (age(ref) or max_age)
-      if rest <= 0 then
-        if expire(ref, max_age) then
-          gone(c, fl)
-        elseif state(ref) == "abandoned" then
-          gone(c, fl)
-        end
-        break
-      elseif remaining == nil or rest < remaining then
-        remaining = rest
-      end
-    end
-    if safe then
-      wait(obj, remaining)
-    else
-      local ok, e = pwait(wait, obj, remaining)
-      if not ok then
-        fl.counts[be] = fl.counts[be] - 1
-        if type(e) == "string" and e:find("attempt to yield", 1, true) then
-          e = cannot_wait_msg(skey, "the running coroutine cannot yield here")
-        end
-        error(e, 0)
-      end
-    end
-  end
-  fl.counts[be] = fl.counts[be] - 1
-end
-M.wait_flight = wait_flight
-
----------------------------------------------------------------------------
 -- The leader's side
 
 local rerun, run_local, rerun_local, lead =
@@ -310,8 +83,8 @@ M.lead = lead
 local acquire_first = core.run == nil
 local enter = core.run or core.enter
 local COUNT = core.COUNT
-local check_recursion, join
-local sweeping = false -- see M.watch
+local join
+local check_recursion = liveness.check_recursion
 
 -- The panic of a run that raised a, traceback b, for key d. A panic that
 -- a tier above this state raised (singleflight.shm: a leader's panic come
@@ -499,8 +272,8 @@ function join(self, st, c, ref, skey, retake, opts, fn, ...)
     opts = opts_of[self]
   end
   opts = opts or DEFAULTS
-  if not sweeping and rawget(_G, "ngx") ~= nil then
-    M.watch()
+  if not liveness.sweeping and rawget(_G, "ngx") ~= nil then
+    liveness.watch()
   end
   -- one deadline for the whole wait, across leaders that go away
   local deadline = opts.timeout and now() + opts.timeout
@@ -548,116 +321,6 @@ function join(self, st, c, ref, skey, retake, opts, fn, ...)
     end
     c, ref, skey = a, b, d
   end
-end
-
----------------------------------------------------------------------------
--- Leaders that went away unseen
---
--- A coroutine that goes away is seen by its guard's finalizer, whenever
--- the collector gets to it (the library never runs a collection itself).
--- OpenResty also ends requests by killing their coroutines (ngx.exit,
--- ngx.exec, a client abort, a killed light thread), with no finalizer:
--- nginx lets go of such a coroutine (core.anchored says so at once, even
--- while the application still holds it), or resets it and hands it to a
--- later request, where it would look like its own leader. So a lead
--- counts only while nginx keeps its coroutine and its frame is on that
--- coroutine's stack, checked where it matters: at a would-be recursion,
--- and by a sweep that a timer runs in every nginx worker where someone
--- waits.
-
--- Is a leader frame of call c on co's stack? Leader frames (the Lua ones
--- of LuaJIT, where OpenResty runs) keep the call among their locals: the
--- call itself, or its address (a number) on the FFI's fast path.
-local leader_frames = {}
-local address = function() end
-if rawget(_G, "jit") then
-  local okffi, ffi = pcall(require, "ffi")
-  if okffi then
-    address = function(c)
-      return tonumber(ffi.cast("uintptr_t", c))
-    end
-  end
-end
-
-local function led_on(co, c)
-  return frames.holds(co, leader_frames, c, address(c))
-end
-
--- The running coroutine already leads c (held by guard gd): a recursion,
--- unless that lead is stale, which is then abandoned.
-function check_recursion(c, gd, skey)
-  if not (backends.in_openresty() and not led_on(co_running(), c)) then
-    error("singleflight: recursive call for key " .. quote(skey), 0)
-  end
-  if abandon_call(gd or core.guard(), c) then
-    gone(c)
-  end
-end
-
-local SWEEP_EVERY = 0.5
-local anchored, orphans = core.anchored, core.orphans
-
--- Inside nginx, the table of running coroutines must be there (see
--- core.anchored); said once in the log if it is not.
-if backends.in_openresty() and not core.anchors() then
-  local ngx = rawget(_G, "ngx")
-  ngx.log(ngx.WARN, "singleflight: nginx's table of running coroutines ",
-          "(ngx_http_lua_coroutines_key) was not found: a leader whose light ",
-          "thread is killed, or whose request ends, is taken over only once ",
-          "its coroutine is reset or collected, or by the waiters' timeout ",
-          "or max_age")
-end
-
-local function gone_all_of(...)
-  for i = 1, select("#", ...) do
-    gone_all(abandon((select(i, ...))))
-  end
-end
-
---- Abandons the calls whose leader is surely gone: its coroutine is dead,
--- nginx let it go (killed, or its request ended: see core.anchored), or
--- its leader frame is no longer on its stack (nginx reset the coroutine
--- and handed it to a later request). Costs a look per leader and a walk
--- of each suspended leader's stack; never a garbage collection. Returns
--- whether any call is still led or waited on in this state.
-function M.sweep()
-  -- the calls of coroutines nginx let go, collected since or not
-  gone_all_of(orphans())
-  local list = { leaders() }
-  for i = 1, #list, 2 do
-    local co, gd = list[i], list[i + 1]
-    local status = co_status(co)
-    if status == "dead" or anchored(co) == false then
-      gone_all(abandon(gd))
-    elseif status ~= "running" then
-      local led = { calls(gd) }
-      for j = 1, #led do
-        local c = led[j]
-        if not led_on(co, c) and abandon_call(gd, c) then
-          gone(c)
-        end
-      end
-    end
-  end
-  return #list > 0 or next(flights) ~= nil
-end
-
-local function tick(premature)
-  sweeping = false
-  if not premature and M.sweep() then
-    M.watch()
-  end
-end
-
---- Arms the sweep in this nginx worker (a timer that re-arms itself while
--- calls are led or waited on here, and stops when none are, so that a Lua
--- state made for one request, with lua_code_cache off, can go).
-function M.watch()
-  if sweeping or not backends.in_openresty() then
-    return
-  end
-  local ok, armed = pcall(rawget(_G, "ngx").timer.at, SWEEP_EVERY, tick)
-  sweeping = ok and armed and true or false
 end
 
 ---------------------------------------------------------------------------
@@ -731,7 +394,7 @@ function call(self, key, fn, ...)
     end
     d = d or DEFAULTS
     be = d.be or backend_of(d)
-    if d.timeout or d.max_age or not be.never_fails or (not sweeping and IN_NGX) then
+    if d.timeout or d.max_age or not be.never_fails or (IN_NGX and not liveness.sweeping) then
       return join(self, JOINED, a, b, c, rerun, d, fn, ...)
     end
     -- the flight first: a can_wait that yields finds the result kept there
@@ -957,10 +620,10 @@ if rawget(_G, "jit") then
   end
 end
 
-leader_frames[lead] = true
+liveness.leader_frame(lead)
 if M.lead_fast then
-  leader_frames[M.lead_fast] = true
-  leader_frames[M.lead_fast0] = true
+  liveness.leader_frame(M.lead_fast)
+  liveness.leader_frame(M.lead_fast0)
 end
 
 --- g:stats(): the core's counters, once the duplicates that met in Lua
@@ -993,13 +656,8 @@ function M.tiered()
   error("singleflight: this group's tier is not loaded", 2)
 end
 
--- For futures (singleflight.future).
-M.deliver = deliver
-M.check_recursion = check_recursion
-M.flight = flight
-M.gone = gone
-M.drop_waiter = drop_waiter
-M.enlist = enlist
+-- For singleflight.shm
+M.sweep = liveness.sweep
 M.cannot_wait_msg = cannot_wait_msg
 
 return M

@@ -12,6 +12,8 @@ local panic = require "singleflight.panic"
 local runner = require "singleflight.runner"
 local backends = require "singleflight.backends"
 local flow = require "singleflight.flow"
+local flights = require "singleflight.flights"
+local liveness = require "singleflight.liveness"
 
 local error, getmetatable, select, setmetatable, tostring, type =
       error, getmetatable, select, setmetatable, tostring, type
@@ -24,8 +26,8 @@ local acquire, adopt, core_wait, release, state, now, quote =
 local is_panic, new_panic = panic.is_panic, panic.new
 local resolve, cannot_wait = backends.resolve, backends.cannot_wait
 local flight, gone, drop_waiter, wait_flight, deliver, lead, call =
-      flow.flight, flow.gone, flow.drop_waiter, flow.wait_flight, flow.deliver,
-      runner.lead, flow.call
+      flights.flight, flights.gone, flights.drop_waiter, flights.wait_flight,
+      flights.deliver, runner.lead, flow.call
 local opts_of, TIMEOUT = flow.opts_of, flow.TIMEOUT
 local running = runner.running
 -- future -> the light thread that runs its fn, held weakly: one that goes
@@ -113,7 +115,7 @@ end
 -- returns v, err, shared as call would, or raises the panic.
 function Future:wait(timeout)
   check_future(self, "wait")
-  flow.watch()
+  liveness.watch()
   if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0) then
     error(sfmt("bad argument #1 to 'wait' (non-negative number expected, got %s)",
                type(timeout) == "number" and tostring(timeout) or type(timeout)), 2)
@@ -142,7 +144,7 @@ function Future:wait(timeout)
       if not fl.done and not fl.abandoned then
         local why = cannot_wait(self.backend)
         if why then
-          error(flow.cannot_wait_msg(self.key, why), 2)
+          error(flights.cannot_wait_msg(self.key, why), 2)
         end
         local opts = opts_of[self.group] or {}
         wait_flight(fl, self.backend, self.ref, self.c, self.key,
@@ -212,7 +214,7 @@ local function start(self, detached, fname, key, fn, ...)
   local st, c, ref
   st, c, ref, skey = acquire(self, skey, fn, fname, core.COUNT + core.DETACHED)
   if st == RECURSIVE then -- raises, unless the lead was stale (abandoned now)
-    flow.check_recursion(c, ref, skey)
+    liveness.check_recursion(c, ref, skey)
     st, c, ref, skey = acquire(self, skey, fn, fname, core.DETACHED)
   end
   local lead_ref

@@ -326,7 +326,7 @@ if core.run then
 else
   -- Its frame is the leader's while fn runs: the sweep of flow.lua looks
   -- for such frames, holding the call among their locals
-  -- (singleflight.frames).
+  -- (singleflight.liveness).
   local lead
   if LUA51 then
     lead = function(_, c, key, fn, ...)

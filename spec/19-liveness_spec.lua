@@ -1,9 +1,9 @@
--- singleflight.frames: the one stack walker of OpenResty's liveness. A
+-- singleflight.liveness: the one stack walker of OpenResty's liveness. A
 -- lead counts while a frame of its function holds its record among its
 -- locals; what the local is called, and where it sits, does not matter.
-local frames = require "singleflight.frames"
+local frames = require "singleflight.liveness"
 
-describe("frames.holds", function()
+describe("liveness.holds", function()
   local seen
   local lead_set = {}
   -- a leader frame: the record is its third local, under a name of its own
