@@ -81,7 +81,8 @@ static int type_error(lua_State *L, int level, int idx, int arg,
 static lsf_group *test_group(lua_State *L, int idx) {
   void *p = lua_touserdata(L, idx);
   if (p && lua_type(L, idx) == LUA_TUSERDATA && lua_getmetatable(L, idx)) {
-    int same = lua_rawequal(L, -1, UV_GROUP_MT);
+    int same = lua_rawequal(L, -1, UV_GROUP_MT) ||
+               lua_rawequal(L, -1, UV_TIERED_MT);
     lua_pop(L, 1);
     if (same)
       return (lsf_group *)p;
@@ -224,7 +225,6 @@ static int push_group_protected(lua_State *L) {
 #endif
   lsf_setuservalue(L, -2);
   ug->tag = &lsf_group_tag;
-  ug->tiered = 0;
   ug->owed = 0;
   ug->g = NULL;
   luaL_getmetatable(L, GROUP_MT);
@@ -433,7 +433,6 @@ static int lsf_count(lua_State *L) {
  *               leads the key already (unless that lead is stale: see
  *               flow.lua)
  *   opts: the handle's options table, or false (see options()).
- *     TIERED    8                   the group's calls go through a tier
  *   run(g, key, fn, ...), rerun(...) and lead(call, key, fn, ...) (5.2 and
  *   later: acquire, fn run protected, finish, in one trip) -> one of the
  *   above but LEADER, or
@@ -458,7 +457,6 @@ enum {
   ST_RECURSIVE = 5,
   ST_PANICKED = 6,
   ST_DELIVER = 7,
-  ST_TIERED = 8,
   ST_DONE_GONE = 9,
   ST_PANICKED_GONE = 10
 };
@@ -473,7 +471,7 @@ static const struct {
   {"JOINED", ST_JOINED},       {"FOREIGN", ST_FOREIGN},
   {"ABSENT", ST_ABSENT},       {"RECURSIVE", ST_RECURSIVE},
   {"PANICKED", ST_PANICKED},   {"DELIVER", ST_DELIVER},
-  {"TIERED", ST_TIERED},       {"DONE_GONE", ST_DONE_GONE},
+  {"DONE_GONE", ST_DONE_GONE},
   {"PANICKED_GONE", ST_PANICKED_GONE},
   {NULL, 0}
 };
@@ -502,8 +500,7 @@ static void push_options(lua_State *L, int idx, int none) {
 
 /* The group at 1 on the fast path: a tag read instead of a metatable
  * compare; anything unusual goes the long way, for its message. */
-static sf_group *fast_group(lua_State *L, const char *fname, int level,
-                            int *tiered) {
+static sf_group *fast_group(lua_State *L, const char *fname, int level) {
   lsf_group *ug = (lsf_group *)lua_touserdata(L, 1);
   if (!(ug && lua_type(L, 1) == LUA_TUSERDATA &&
         lsf_rawlen(L, 1) >= sizeof *ug && ug->tag == &lsf_group_tag &&
@@ -511,7 +508,6 @@ static sf_group *fast_group(lua_State *L, const char *fname, int level,
     check_group(L, 1, level, fname); /* raises */
     ug = test_group(L, 1);
   }
-  *tiered = ug->tiered;
   return ug->g;
 }
 
@@ -519,17 +515,15 @@ static sf_group *fast_group(lua_State *L, const char *fname, int level,
  * text), fn. */
 static sf_group *check_call_args(lua_State *L, const char *fname,
                                  unsigned flags, const char **key,
-                                 size_t *len, int *tiered) {
+                                 size_t *len) {
   int level = (flags & ACQ_DEEPER) ? 3 : 2; /* the caller of call */
-  sf_group *g = fast_group(L, fname, level, tiered);
+  sf_group *g = fast_group(L, fname, level);
   if (lua_type(L, 2) == LUA_TSTRING)
     *key = lua_tolstring(L, 2, len);
   else
     *key = check_key(L, 2, len, level, 1, fname);
   if (lua_type(L, 3) != LUA_TFUNCTION)
     check_fn(L, 3, level, 2, fname);
-  if (*tiered && (flags & ACQ_LOCAL))
-    *tiered = 0;
   return g;
 }
 
@@ -620,11 +614,6 @@ static int acquire_for(lua_State *L, sf_group *g, const char *key,
   return st;
 }
 
-static int push_tiered(lua_State *L) {
-  lua_pushinteger(L, ST_TIERED);
-  return 1;
-}
-
 /* acquire(g, key, fn, fname, flags) -> status, ... (see above) */
 static int lsf_acquire(lua_State *L) {
   const char *fname = lua_tostring(L, 4);
@@ -634,14 +623,12 @@ static int lsf_acquire(lua_State *L) {
   sf_group *g;
   sf_call *c;
   lsf_guard *gd;
-  int gslot, nret, tiered;
+  int gslot, nret;
 
   if (!fname)
     fname = "call";
-  g = check_call_args(L, fname, flags, &key, &len, &tiered);
+  g = check_call_args(L, fname, flags, &key, &len);
   lua_settop(L, 3);
-  if (tiered)
-    return push_tiered(L);
   if (flags & ACQ_CHECK) {
     lua_pushinteger(L, ST_ABSENT);
     lua_pushnil(L);
@@ -886,10 +873,8 @@ static int run_with(lua_State *L, unsigned flags) {
   size_t len;
   sf_call *c;
   lsf_guard *gd;
-  int gslot, nret, tiered;
-  sf_group *g = check_call_args(L, "call", flags, &key, &len, &tiered);
-  if (tiered)
-    return push_tiered(L);
+  int gslot, nret;
+  sf_group *g = check_call_args(L, "call", flags, &key, &len);
   if (acquire_for(L, g, key, len, flags, &c, &gd, &gslot, &nret) != SF_LEADER ||
       nret > 0)
     return nret;
@@ -903,15 +888,6 @@ static int lsf_run(lua_State *L) {
 
 static int lsf_rerun(lua_State *L) {
   return run_with(L, 0);
-}
-
-/* The same for a tier's own call in this state (see set_tiered). */
-static int lsf_run_local(lua_State *L) {
-  return run_with(L, ACQ_COUNT | ACQ_LOCAL);
-}
-
-static int lsf_rerun_local(lua_State *L) {
-  return run_with(L, ACQ_LOCAL);
 }
 
 /* lead(call, key, fn, ...): runs fn for a call the running coroutine
@@ -1116,12 +1092,18 @@ static int lsf_options(lua_State *L) {
   return 1;
 }
 
-/* set_tiered(g): the group's calls go through a tier above this state
- * (see singleflight.shm): run and acquire say TIERED but with ACQ_LOCAL. */
-static int lsf_set_tiered(lua_State *L) {
+/* tier(g): g, an open group, becomes a tiered one: a group whose calls go
+ * through a tier above this state (singleflight.shm). It is a
+ * singleflight.Group all the same, whose methods are the tier's: its
+ * metatable is the tiered groups' (the same metamethods; __index, the
+ * methods the tier put in with interpose). Nothing in C tells the two
+ * apart but the methods a handle has. */
+static int lsf_tier(lua_State *L) {
   lsf_group *ug = test_group(L, 1);
-  luaL_argcheck(L, ug != NULL, 1, "group expected");
-  ug->tiered = 1;
+  luaL_argcheck(L, ug != NULL && ug->g != NULL, 1, "an open singleflight.Group expected");
+  lua_settop(L, 1);
+  lua_pushvalue(L, UV_TIERED_MT);
+  lua_setmetatable(L, 1);
   return 0;
 }
 
@@ -1146,21 +1128,21 @@ static int lsf_footprint(lua_State *L) {
 
 /* interpose(what, name, fn) -> the value fn replaces: the one way the Lua
  * layer puts its functions into the binding's tables. what is "methods"
- * (a group's methods: call, stats, ...), "Guard" or "Ref" (the holders'
- * metatables: their finalizers, which hand a call that lost its holder
- * to the Lua layer). */
+ * (a group's methods: call, stats, ...), "tiered" (a tiered group's: see
+ * tier), "Guard" or "Ref" (the holders' metatables: their finalizers,
+ * which hand a call that lost its holder to the Lua layer). */
 static int lsf_interpose(lua_State *L) {
-  static const char *const whats[] = {"methods", "Guard", "Ref", NULL};
+  static const char *const whats[] = {"methods", "tiered", "Guard", "Ref", NULL};
   int what = luaL_checkoption(L, 1, NULL, whats);
   luaL_checkstring(L, 2);
   luaL_checktype(L, 3, LUA_TFUNCTION);
-  if (what == 0) {
-    lua_getfield(L, UV_GROUP_MT, "__index");
+  if (what <= 1) {
+    lua_getfield(L, what == 0 ? UV_GROUP_MT : UV_TIERED_MT, "__index");
   } else {
     const char *name = lua_tostring(L, 2);
     luaL_argcheck(L, !strcmp(name, "__gc") || !strcmp(name, "__close"), 2,
                   "a holder's __gc or __close expected");
-    lua_pushvalue(L, what == 1 ? UV_GUARD_MT : UV_REF_MT);
+    lua_pushvalue(L, what == 2 ? UV_GUARD_MT : UV_REF_MT);
   }
   lua_pushvalue(L, 2);
   lua_rawget(L, -2); /* the old one */
@@ -1196,13 +1178,11 @@ static const luaL_Reg functions[] = {
 #if LUA_VERSION_NUM >= 503
   {"meets", lsf_meets},
 #endif
-  {"set_tiered", lsf_set_tiered},
+  {"tier", lsf_tier},
   {"options", lsf_options},
 #if LSF_HAVE_PCALLK
   {"run", lsf_run},
   {"rerun", lsf_rerun},
-  {"run_local", lsf_run_local},
-  {"rerun_local", lsf_rerun_local},
   {"lead", lsf_lead},
 #endif
   {"count", lsf_count},
@@ -1255,6 +1235,9 @@ static void lsf_push_closed(lua_State *L) {
 /* Pushes the upvalues every function gets, from their stack slots. */
 static void push_upvalues(lua_State *L, const int *slots) {
   int i;
+  /* a C function is given LUA_MINSTACK slots, fewer than luaopen's
+   * slots and a set of upvalues above them */
+  luaL_checkstack(L, LSF_NUPVALUES + 2, "singleflight: loading the module");
   for (i = 0; i < LSF_NUPVALUES; i++)
     lua_pushvalue(L, slots[i]);
 }
@@ -1274,7 +1257,7 @@ static const struct {
   int value;
 } acquire_flags[] = {
   {"COUNT", ACQ_COUNT},   {"DETACHED", ACQ_DETACHED},
-  {"CHECK", ACQ_CHECK},   {"LOCAL", ACQ_LOCAL},
+  {"CHECK", ACQ_CHECK},
   {"DEEPER", ACQ_DEEPER},
   {NULL, 0}
 };
@@ -1285,6 +1268,7 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   int slots[LSF_NUPVALUES], module, methods_t, i;
   lsf_ctx *cx;
 
+  luaL_checkstack(L, LSF_NUPVALUES + 8, "singleflight: loading the module");
   lua_newtable(L); /* guards: coroutine -> guard, weak keys */
   slots[0] = lua_gettop(L);
   lua_createtable(L, 0, 1);
@@ -1332,6 +1316,8 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   lua_pushliteral(L, "v");
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, slots[11]);
+  lua_createtable(L, 0, 8); /* the tiered groups' metatable (see tier) */
+  slots[12] = lua_gettop(L);
 
 #if LSF_HAVE_PCALLK
   push_upvalues(L, slots); /* the leaders' message handler, made once */
@@ -1341,11 +1327,14 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
 
   lua_pushliteral(L, GROUP_MT);
   lua_setfield(L, slots[2], "__name");
+  lua_pushliteral(L, GROUP_MT); /* a singleflight.Group too */
+  lua_setfield(L, slots[12], "__name");
   lua_pushliteral(L, GUARD_MT);
   lua_setfield(L, slots[3], "__name");
   lua_pushliteral(L, REF_MT);
   lua_setfield(L, slots[4], "__name");
   set_functions(L, slots[2], group_metamethods, slots);
+  set_functions(L, slots[12], group_metamethods, slots);
   set_functions(L, slots[3], lsf_guard_metamethods, slots);
   set_functions(L, slots[4], lsf_ref_metamethods, slots);
 
@@ -1354,6 +1343,9 @@ LUALIB_API int luaopen_singleflight_core(lua_State *L) {
   set_functions(L, methods_t, methods, slots);
   lua_pushvalue(L, methods_t);
   lua_setfield(L, slots[2], "__index");
+  lua_createtable(L, 0, 8); /* a tiered group's methods: the same to start */
+  set_functions(L, lua_gettop(L), methods, slots);
+  lua_setfield(L, slots[12], "__index");
 
   lua_createtable(L, 0, 32); /* the module */
   module = lua_gettop(L);

@@ -34,7 +34,6 @@ enum {
   ACQ_DETACHED = 4, /* lead on behalf of a light thread to come (start):
                        a fresh owner, the reference in a ref */
   ACQ_CHECK = 8,    /* check the arguments, acquire nothing */
-  ACQ_LOCAL = 16,   /* in this state only: a tier's own call */
   ACQ_DEEPER = 32   /* errors blame one level further up */
 };
 
@@ -55,7 +54,9 @@ enum {
                                             see lsf.c, joinable */
 #define UV_TRACKED_CO lua_upvalueindex(12) /* tracked guard -> its
                                               coroutine, weak values */
-#define LSF_NUPVALUES 12
+#define UV_TIERED_MT lua_upvalueindex(13) /* a tiered group's metatable:
+                                             see tier() in lsf.c */
+#define LSF_NUPVALUES 13
 
 /* Slots of the spares table. */
 enum { SPARE_GUARD = 1, SPARE_REF = 2, SPARE_MSGH = 3 /* see lsf.c */ };
@@ -84,7 +85,6 @@ typedef struct lsf_ctx {
 typedef struct lsf_group {
   const void *tag; /* &lsf_group_tag: a cheap check on the fast path */
   sf_group *g;     /* NULL once closed */
-  int tiered;      /* calls go through a tier above this state (shm) */
   size_t owed;     /* C memory the collector was told of (see gc_owe) */
 } lsf_group;
 

@@ -9,7 +9,7 @@
  * frame that calls it holds. The finish comes after fn, whose own work
  * (I/O) ends the trace: it runs in the interpreter, where a classic call
  * costs less than an FFI one, so it is a classic function. Anything
- * unusual (a call in flight, a closed or tiered group, a guard out of
+ * unusual (a call in flight, a closed group, a guard out of
  * room, out of memory, somebody waiting at the end) is declined with
  * nothing changed, and the Lua layer goes the classic way, which handles
  * it and says what went wrong.
@@ -24,8 +24,7 @@
 static int fast_lead(const lsf_group *ug, const char *key, size_t len,
                      lsf_guard *gd, unsigned flags, uintptr_t *addr) {
   sf_call *c;
-  if (ug->tag != &lsf_group_tag || !ug->g || ug->tiered ||
-      gd->height == gd->cap)
+  if (ug->tag != &lsf_group_tag || !ug->g || gd->height == gd->cap)
     return -1;
   flags = (flags & ACQ_COUNT) ? SF_ACQ_COUNT_CALL : 0;
   if (sf_acquire(ug->g, key, len, gd->domain, gd->id,

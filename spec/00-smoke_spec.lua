@@ -13,7 +13,7 @@ describe("the module", function()
   it("the binding names its statuses in one table, which the Lua layer reads", function()
     local ST = require("singleflight.core").ST
     local names = { "LEADER", "DONE", "JOINED", "FOREIGN", "ABSENT", "RECURSIVE",
-                    "PANICKED", "DELIVER", "TIERED", "DONE_GONE", "PANICKED_GONE" }
+                    "PANICKED", "DELIVER", "DONE_GONE", "PANICKED_GONE" }
     local seen = {}
     for _, name in ipairs(names) do
       assert.is_number(ST[name], name)
@@ -21,7 +21,7 @@ describe("the module", function()
     end
     assert.equal(2, seen[ST.DONE]) -- LEADER of an acquire, DONE of a run
     -- no Lua file of the library writes a status as a number
-    for _, file in ipairs { "flow", "future", "runner", "shm" } do
+    for _, file in ipairs { "flow", "flights", "liveness", "future", "runner", "shm" } do
       local f = assert(io.open("lua/singleflight/" .. file .. ".lua"))
       local text = f:read("*a")
       f:close()

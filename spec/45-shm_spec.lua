@@ -45,6 +45,23 @@ describe("shm across four nginx workers", function()
     shm.eventually(function() return #server.workers() == 4 end, "four workers")
   end)
 
+  it("a group with shm is a singleflight.Group whose methods are the tier's; "
+     .. "other groups keep theirs", function()
+    local f = ns.get(port, "/shm/kinds").fields
+    assert.equal("singleflight.Group,singleflight.Group", f.names)
+    assert.equal("true", f.tostring)
+    for _, same in ipairs { "same_call", "same_forget", "same_stats" } do
+      assert.equal("false", f[same], same)
+    end
+    assert.equal("true", f.plain_forget_core)
+    assert.equal("true", f.plain_call)
+    -- the tier checks its arguments as call does, with the same words
+    assert.matches("bad argument #2 to 'call' %(function or callable value expected", f.bad)
+    assert.equal(f.plain_bad, f.bad)
+    assert.matches("bad argument #1 to 'call' %(key is NaN%)", f.nan)
+    assert.equal(f.plain_nan, f.nan)
+  end)
+
   it("200 concurrent requests over the workers run fn once and share its value", function()
     local before = shm.counters(port, "stampede")
     local answers = ns.batch(port, times(200, "/shm/stampede?key=s1&n=200"), 30)

@@ -450,6 +450,33 @@ function handlers.istats(args)
   reply(groups[args.group]:stats())
 end
 
+--- What a group over the dict is beside a group private to the worker,
+-- once the tier is loaded: both singleflight.Group, the tiered one with the
+-- tier's methods, the other with the ordinary ones (the tier replaced
+-- none of them)
+function handlers.kinds()
+  local core = require "singleflight.core"
+  local tiered, plain = groups.stampede, groups.local_only
+  local mt_t, mt_p = getmetatable(tiered), getmetatable(plain)
+  local fresh = singleflight.new()
+  local ok_bad, bad = pcall(tiered.call, tiered, "k", "not a function")
+  local ok_nan, nan = pcall(tiered.call, tiered, 0 / 0, function() end)
+  local _, plain_bad = pcall(plain.call, plain, "k", "not a function")
+  local _, plain_nan = pcall(plain.call, plain, 0 / 0, function() end)
+  reply {
+    names = mt_t.__name .. "," .. mt_p.__name,
+    tostring = tostring(tiered):match("^singleflight%.Group") ~= nil,
+    same_call = tiered.call == plain.call,
+    same_forget = tiered.forget == plain.forget,
+    same_stats = tiered.stats == plain.stats,
+    plain_forget_core = plain.forget == core.methods.forget
+                        and fresh.forget == core.methods.forget,
+    plain_call = fresh.call == plain.call,
+    bad = not ok_bad and bad or "", nan = not ok_nan and nan or "",
+    plain_bad = plain_bad, plain_nan = plain_nan,
+  }
+end
+
 --- The errors of new with a bad shm option
 function handlers.bad_options()
   local _, missing = pcall(singleflight.new, { shm = "nope" })

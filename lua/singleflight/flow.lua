@@ -43,8 +43,8 @@ local resolve, cannot_wait = backends.resolve, backends.cannot_wait
 local DEFAULTS = options.DEFAULTS
 
 local ST = core.ST -- the binding's statuses, by name (see csrc/lsf.c)
-local DONE, JOINED, RECURSIVE, PANICKED, DELIVER, TIERED, DONE_GONE, PANICKED_GONE =
-      ST.DONE, ST.JOINED, ST.RECURSIVE, ST.PANICKED, ST.DELIVER, ST.TIERED, ST.DONE_GONE,
+local DONE, JOINED, RECURSIVE, PANICKED, DELIVER, DONE_GONE, PANICKED_GONE =
+      ST.DONE, ST.JOINED, ST.RECURSIVE, ST.PANICKED, ST.DELIVER, ST.DONE_GONE,
       ST.PANICKED_GONE
 local TIMEOUT = "singleflight: wait timed out"
 
@@ -74,8 +74,7 @@ M.opts_of = opts_of
 ---------------------------------------------------------------------------
 -- The leader's side
 
-local rerun, run_local, rerun_local, lead =
-      runner.rerun, runner.run_local, runner.rerun_local, runner.lead
+local rerun, lead = runner.rerun, runner.lead
 M.lead = lead
 -- LuaJIT and 5.1 lead in Lua (runner.lua): call acquires (core.enter)
 -- from its own frame, which keeps a waiter's stack as shallow as on 5.2
@@ -133,8 +132,6 @@ local function after(self, key, fn, retake, st, a, b, c, d, ...)
     local p = panic_for(a, b, d)
     answer(self, key, false, nil, nil, p)
     error(p, 0)
-  elseif st == TIERED then
-    return M.tiered(self, key, fn, ...)
   end
   return join(self, st, a, b, c, retake, d, fn, ...) -- call, holder, key, opts
 end
@@ -641,23 +638,6 @@ function M.stats(self)
   return c_stats(self)
 end
 
---- g:call in this Lua state only, for a tier above it (shm): its fn is
--- the tier's.
-function M.call_local(self, key, fn, ...)
-  local st, a, b, c, d = run_local(self, key, fn, ...)
-  if st == DONE then
-    return a, b, c
-  end
-  return after(self, key, fn, rerun_local, st, a, b, c, d, ...)
-end
-
---- The tier of a tiered group (set by singleflight.shm).
-function M.tiered()
-  error("singleflight: this group's tier is not loaded", 2)
-end
-
--- For singleflight.shm
-M.sweep = liveness.sweep
-M.cannot_wait_msg = cannot_wait_msg
+M.rerun = rerun
 
 return M

@@ -35,9 +35,9 @@ local running = runner.running
 local runner_of = setmetatable({}, { __mode = "kv" })
 
 local ST = core.ST
-local LEADER, JOINED, FOREIGN, RECURSIVE, PANICKED, DELIVER, DONE_GONE, PANICKED_GONE, TIERED =
+local LEADER, JOINED, FOREIGN, RECURSIVE, PANICKED, DELIVER, DONE_GONE, PANICKED_GONE =
       ST.LEADER, ST.JOINED, ST.FOREIGN, ST.RECURSIVE, ST.PANICKED, ST.DELIVER, ST.DONE_GONE,
-      ST.PANICKED_GONE, ST.TIERED
+      ST.PANICKED_GONE
 
 local Future = { __name = "singleflight.Future" }
 Future.__index = Future
@@ -201,10 +201,7 @@ tail position: Lua 5.1 would lose the caller's line), errors blame their
 caller's caller.
 ]]
 local function start(self, detached, fname, key, fn, ...)
-  local st0, _, _, skey = acquire(self, key, fn, fname, core.CHECK + core.DEEPER)
-  if st0 == TIERED then -- a group over nginx workers: its tier starts it
-    return M.tiered_start(self, detached, key, fn, ...)
-  end
+  local _, _, _, skey = acquire(self, key, fn, fname, core.CHECK + core.DEEPER)
   local be = resolve((opts_of[self] or {}).backend or "auto")
   local spawn = spawner(be, detached)
   if not spawn then
@@ -256,10 +253,6 @@ function M.start_detached(self, key, fn, ...)
   return f
 end
 
---- start on a tiered group (set by singleflight.shm).
-function M.tiered_start()
-  error("singleflight: this group's tier is not loaded", 2)
-end
 
 M.Future = Future
 

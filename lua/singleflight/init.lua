@@ -46,11 +46,11 @@ interpose("methods", "stats", flow.stats)
 interpose("methods", "start", future.start)
 interpose("methods", "start_detached", future.start_detached)
 
--- With the shm option, g's calls go through the nginx workers' tier
--- (singleflight.shm, loaded on first use).
+-- With the shm option, g is a tiered group: its methods are those of the
+-- nginx workers' tier (singleflight.shm, loaded on first use), which runs
+-- the ordinary call of this state with the tier's step.
 local function tier(g, o, name)
   if o.shm then
-    core.set_tiered(g)
     require("singleflight.shm").attach(g, o, name)
   end
 end

@@ -5,13 +5,12 @@
 --                            (5.2 and later: on LuaJIT and 5.1, flow.lua's
 --                            call acquires, and leads through lead below):
 --   rerun(g, key, fn, ...)   the same for a waiter taking over (not counted)
---   run_local, rerun_local   the same for a tier's own call in this state
 --   lead(g, call, key, fn, ...)   lead a call acquired already (a future's)
 --     -> DONE 0, v, err, shared | DELIVER 7, v, err, shared, call
 --      | PANICKED 6, value, traceback, call|nil, key
 --      | DONE_GONE 9, PANICKED_GONE 10: the same for a call that expired
 --      | or acquire's status for a caller that does not lead (joined,
---        foreign, recursive, tiered: see csrc/lsf.c)
+--        foreign, recursive: see csrc/lsf.c)
 --     fn runs protected; its frame keeps the group's handle alive.
 --   protect(fn, ...) -> true, ... | false, panic: fn run protected, on its
 --     own (a caller that gave up waiting and runs fn unshared).
@@ -33,7 +32,7 @@ local co_create, co_resume, co_running, co_status, co_yield =
       coroutine.yield
 local traceback = debug.traceback
 local handler, is_panic = panic.handler, panic.is_panic
-local acquire, finish, COUNT = core.acquire, core.finish, core.COUNT
+local acquire, finish = core.acquire, core.finish
 
 local ST = core.ST
 local DONE, PANICKED, DELIVER, DONE_GONE, PANICKED_GONE =
@@ -319,7 +318,6 @@ M.settled = settled
 
 if core.run then
   M.run, M.rerun = core.run, core.rerun
-  M.run_local, M.rerun_local = core.run_local, core.rerun_local
   M.lead = function(_, c, key, fn, ...)
     return core.lead(c, key, fn, ...)
   end
@@ -348,9 +346,7 @@ else
     end
   end
   -- (DEEPER: errors blame the caller of call, past this frame)
-  local DEEPER, LOCAL = core.DEEPER, core.LOCAL
-  M.rerun = runner(DEEPER) -- a new call: flow.lua's call acquires (enter)
-  M.run_local, M.rerun_local = runner(COUNT + LOCAL + DEEPER), runner(LOCAL + DEEPER)
+  M.rerun = runner(core.DEEPER) -- a new call: flow.lua's call acquires (enter)
 end
 
 return M

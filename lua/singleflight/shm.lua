@@ -53,6 +53,8 @@ local panic = require "singleflight.panic"
 local runner = require "singleflight.runner"
 local backends = require "singleflight.backends"
 local flow = require "singleflight.flow"
+local flights = require "singleflight.flights"
+local liveness = require "singleflight.liveness"
 local future = require "singleflight.future"
 local codec_default = require("singleflight.codec").default
 
@@ -71,18 +73,19 @@ local co_running = coroutine.running
 -- the status Lua itself keeps (OpenResty's coroutine.status reads the
 -- bookkeeping of the coroutine's request, freed when the request ends)
 local co_status = rawget(coroutine, "_status") or coroutine.status
-local getinfo, getlocal = debug.getinfo, debug.getlocal
 
-local acquire, encode, decode, now, quote, core_count, c_forget, c_stats =
+-- (the core's forget: what the local calls of a tiered group forget)
+local acquire, encode, decode, now, quote, core_count, c_forget =
       core.acquire, core.encode, core.decode, core.now, core.quote, core.count,
-      core.methods.forget, core.methods.stats
-local CHECK_LOCAL = core.CHECK + core.LOCAL
+      core.methods.forget
+local ARGS, ARGS_DEEPER = core.CHECK, core.CHECK + core.DEEPER -- acquire's checks
 local protect = runner.protect
-local rerun_local = runner.rerun_local
-local call_local, after = flow.call_local, flow.after
+-- a tiered group's call is the ordinary call of this state, its fn the
+-- tier's step
+local call, rerun, after, c_stats = flow.call, flow.rerun, flow.after, flow.stats
 local new_panic, is_panic, safe_tostring = panic.new, panic.is_panic, panic.safe_tostring
 local resolve, cannot_wait = backends.resolve, backends.cannot_wait
-local cannot_wait_msg, opts_of = flow.cannot_wait_msg, flow.opts_of
+local cannot_wait_msg, opts_of = flights.cannot_wait_msg, flow.opts_of
 local TIMEOUT = flow.TIMEOUT
 local ngx_sleep, ngx_log, ngx_now, WARN = ngx.sleep, ngx.log, ngx.now, ngx.WARN
 
@@ -228,7 +231,8 @@ end
 
 local LEAD_FRAMES = { [lead_frame] = true, [fleet_frame] = true }
 
--- Is rec's lead still running: a lead frame with rec on its coroutine?
+-- Is rec's lead still running: a lead frame holding rec on its coroutine
+-- (singleflight.liveness)?
 local function live(rec)
   if rec.main then
     return true -- the main thread: nothing to go by
@@ -246,30 +250,7 @@ local function live(rec)
       return true
     end
   end
-  local level = running and 1 or 0
-  while true do
-    local info
-    if running then
-      info = getinfo(level, "f")
-    else
-      info = getinfo(co, level, "f")
-    end
-    if not info then
-      return false
-    end
-    if LEAD_FRAMES[info.func] then
-      local _, v
-      if running then
-        _, v = getlocal(level, 1)
-      else
-        _, v = getlocal(co, level, 1)
-      end
-      if v == rec then
-        return true
-      end
-    end
-    level = level + 1
-  end
+  return liveness.holds(co, LEAD_FRAMES, rec)
 end
 
 -- The key of the lock of a lead's record (see step).
@@ -285,7 +266,7 @@ local function renew()
     if not live(rec) then -- its request went away: let the others take over
       if not swept then -- this worker's waiters first: they take over too
         swept = true
-        pcall(flow.sweep)
+        pcall(liveness.sweep)
       end
       leading[token], leaders[token] = nil, nil
       if dict:get(lkey) == rec.val then
@@ -1097,28 +1078,27 @@ local function base_of(t, skey)
   return base, ""
 end
 
-local function normal_key(self, key, fn)
-  if type(key) == "string" then
-    return key
-  end
-  return (select(4, acquire(self, key, fn, "call", CHECK_LOCAL)))
+-- The key as the core keeps it (a number's text), the arguments checked
+-- as call checks them: errors blame the caller of fname, the function
+-- that calls this. (A method that checks its own arguments, acquire with
+-- ARGS, blames its caller.)
+local function normal_key(self, key, fn, fname)
+  local _, _, _, skey = acquire(self, key, fn, fname, ARGS_DEEPER)
+  return skey
 end
 
 -- g:call in this worker again (not counted), after a watcher gave up
 local function recall(self, skey, t, ctx)
-  local st, a, b, c, d = rerun_local(self, skey, step, self, t, ctx)
+  local st, a, b, c, d = rerun(self, skey, step, self, t, ctx)
   if st == DONE then
     return a, b, c
   end
-  return after(self, skey, step, rerun_local, st, a, b, c, d, self, t, ctx)
+  return after(self, skey, step, rerun, st, a, b, c, d, self, t, ctx)
 end
 
 local function tiered(self, key, fn, ...)
+  local _, _, _, skey = acquire(self, key, fn, "call", ARGS)
   local t = tiers[self]
-  if not t then
-    error("singleflight: this group's tier is not loaded", 2)
-  end
-  local skey = normal_key(self, key, fn)
   local base, check = base_of(t, skey)
   local cur = t.current[skey]
   if cur and cur.gen ~= (t.dict:get("g" .. base) or 0) then
@@ -1141,7 +1121,7 @@ local function tiered(self, key, fn, ...)
                 gen = 0, ran = false, shared = false,
                 dict = t.dict, token = false, val = false, main = false, since = 0,
                 expires = false }
-  local ok, v, err, shared = pcall(call_local, self, skey, step, self, t, ctx)
+  local ok, v, err, shared = pcall(call, self, skey, step, self, t, ctx)
   while ok and v == RETRY and not ctx.timed_out do
     -- the watcher of this worker gave up or made way: the callers left go on
     ok, v, err, shared = pcall(recall, self, skey, t, ctx)
@@ -1168,17 +1148,12 @@ end
 ---------------------------------------------------------------------------
 -- g:forget, g:stats, g:start on tiered groups
 
-local methods = core.methods
-
 local function noop() end
 
-methods.forget = function(self, key)
+local function forget(self, key)
   local t = tiers[self]
-  if not t then
-    return c_forget(self, key)
-  end
   local was = c_forget(self, key)
-  local skey = normal_key(self, key, noop)
+  local skey = normal_key(self, key, noop, "forget")
   local base = base_of(t, skey)
   t.current[skey] = nil
   local dict, gkey = t.dict, "g" .. base
@@ -1194,11 +1169,8 @@ methods.forget = function(self, key)
   return was or here or there
 end
 
-methods.stats = function(self)
+local function stats(self)
   local t = tiers[self]
-  if not t then
-    return c_stats(self)
-  end
   local mine = publish(self, t)
   -- the instance's counters: every worker's, pushed to the dict (and what
   -- this worker could not push yet: the dict was full)
@@ -1239,8 +1211,10 @@ local function settle(f, ok, v, err, shared)
   end
 end
 
+local tiered_call -- (below)
+
 local function run_future(f)
-  settle(f, protect(flow.call, f.group, f.key, f.fn, unpack(f.args, 1, f.n)))
+  settle(f, protect(tiered_call, f.group, f.key, f.fn, unpack(f.args, 1, f.n)))
 end
 
 function Future:wait(timeout)
@@ -1290,8 +1264,8 @@ function Future:__tostring()
               self.done and "ready" or "pending")
 end
 
-local function start(self, detached, key, fn, ...)
-  local skey = normal_key(self, key, fn)
+local function start(self, detached, fname, key, fn, ...)
+  local _, _, _, skey = acquire(self, key, fn, fname, ARGS) -- (tail-called)
   local be = resolve((opts_of[self] or {}).backend or "auto")
   local spawn = future.spawner(be, detached)
   if not spawn then
@@ -1312,7 +1286,7 @@ end
 ---------------------------------------------------------------------------
 
 --- Makes g (made with options o, named `name` for singleflight.group) a
--- group over the lua_shared_dict o.shm.
+-- tiered group over the lua_shared_dict o.shm.
 function M.attach(g, o, name)
   local dict = ngx.shared[o.shm]
   local book = name and books[o.shm .. "\0" .. name]
@@ -1349,10 +1323,22 @@ function M.attach(g, o, name)
     t.keys[cname] = counter_key(t, cname)
     dict:safe_add(t.keys[cname], 0)
   end
+  core.tier(g) -- its methods are the tier's from now on
 end
 
-flow.tiered = tiered
-future.tiered_start = start
+-- A tiered group's methods: the binding's tiered groups have them (see
+-- core.tier), no other group.
+tiered_call = tiered
+core.interpose("tiered", "call", tiered)
+core.interpose("tiered", "do", tiered)
+core.interpose("tiered", "forget", forget)
+core.interpose("tiered", "stats", stats)
+core.interpose("tiered", "start", function(self, key, fn, ...)
+  return start(self, false, "start", key, fn, ...)
+end)
+core.interpose("tiered", "start_detached", function(self, key, fn, ...)
+  return start(self, true, "start_detached", key, fn, ...)
+end)
 
 -- For the specs.
 M._leading = leading
