@@ -191,3 +191,42 @@ describe("a leader that has led before", function()
     assert.matches("bad argument #1 to 'call'", e)
   end)
 end)
+
+-- What a leader suspended in fn holds, beside plain Lua's singleflight
+-- (bench/plain.lua): its coroutine's stack stays as small as a plain
+-- call's would (a call frame that outgrows a new coroutine's stack makes
+-- Lua double it, for every leader in flight).
+describe("a leader suspended in fn", function()
+  local on = (_VERSION == "Lua 5.4" or rawget(_G, "jit")) and it or pending
+  on("holds no more than twice what plain Lua's singleflight does (5.4, LuaJIT)", function()
+    package.path = "bench/?.lua;" .. package.path
+    local plain = require "plain"
+    local n = 2000
+    local function held(call)
+      local function fn()
+        coroutine.yield()
+        return true
+      end
+      full_gc()
+      local before = collectgarbage("count")
+      collectgarbage("stop")
+      local cos = {}
+      for i = 1, n do
+        cos[i] = coroutine.create(function(k) return call(k, fn) end)
+        assert(coroutine.resume(cos[i], "key" .. i))
+      end
+      local bytes = (collectgarbage("count") - before) * 1024 / n
+      collectgarbage("restart")
+      for i = 1, n do
+        assert(coroutine.resume(cos[i]))
+      end
+      return bytes
+    end
+    local g, p = singleflight.new { backend = "coroutine" }, plain.new()
+    local base = held(function(k, fn) return fn(k) end)
+    local mine = held(function(k, fn) return g:call(k, fn) end) - base
+    local theirs = held(function(k, fn) return p:call(k, fn) end) - base
+    assert.is_true(mine <= 2 * theirs, ("%.0f bytes a leader, plain %.0f"):format(mine, theirs))
+    assert.equal(0, g:stats().inflight)
+  end)
+end)

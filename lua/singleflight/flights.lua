@@ -49,15 +49,11 @@ end
 local function flight(c)
   local fl = flights[c]
   if not fl then
-    -- made whole at once, every field it may take set (false for none),
-    -- so that no field added later grows it
-    -- (objs and counts are made for the first waiter through a backend's
-    -- wait object: a bare yield has none)
-    fl = { objs = false, counts = false, n = 0, done = false, abandoned = false,
-           over = false, ok = false, v = false, err = false, panic = false,
-           shared = false, reg = false, key = false, c = false, group = false,
-           opts = false, be = false, auto = false, stake = false, extra = 0,
-           bare = false, lead = false }
+    -- small: a flight waits as long as its call runs, many at once; the
+    -- fields of a result, a registration (see flow.lua's call) and wait
+    -- objects (made for the first waiter through a backend's object: a
+    -- bare yield has none) come when they are needed
+    fl = { n = 0 } -- (over: nil while the call runs)
     flights[c] = fl
   end
   return fl
@@ -70,7 +66,7 @@ end
 local function settle(fl)
   local reg = fl.reg
   if reg then
-    fl.reg = false
+    fl.reg = nil
     if reg[fl.key] == fl then
       reg[fl.key] = nil
     end
@@ -78,7 +74,7 @@ local function settle(fl)
     tally(fl.group, fl.extra, fl.extra)
     fl.extra = 0
     local stake = fl.stake
-    fl.stake = false
+    fl.stake = nil
     release(stake)
   end
 end

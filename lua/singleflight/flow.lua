@@ -351,106 +351,16 @@ local meets = core.meets or co_isyieldable and function(id)
   return co_isyieldable() and guards[co_running()] ~= owners[id]
 end
 
-function call(self, key, fn, ...)
-  local fl, bare, st = joinable[self]
-  if fl ~= nil then
-    fl = fl[key]
-    -- a duplicate of a call its other duplicates wait on: it meets them
-    -- here, in Lua, unless it is that call's leader (a recursion goes to
-    -- the core, which refuses it) or it waits with another backend. (A
-    -- registered flight is open: settle takes it off as it ends; and in
-    -- nginx the sweep runs while it waits.)
-    if fl ~= nil then
-      bare = fl.bare
-      if bare then -- a fixed backend whose wait is a bare yield
-        st = meets(fl.lead)
-      elseif guards[co_running()] ~= owners[fl.lead] then
-        local be = fl.be
-        if fl.auto and backend_of(fl.opts) ~= be then
-          st = false
-        else
-          st = be.can_wait == nil or be.can_wait()
-        end
-      end
-    end
-  end
-  local a, b, c, d, e, be, staked
-  if st then
-    -- met: counted here, not in fl.n (a registered flight stays in
-    -- flights until it is settled); the flight's stake holds the call
-    fl.extra = fl.extra + 1
-  else
-    st, a, b, c, d, e = enter(self, key, fn, ...)
-    if st == DONE and acquire_first then -- leads it: a is the call, c the key
-      st, a, b, c, d = lead(self, a, c, fn, ...)
-    end
-    if st == DONE then
-      return a, b, c
-    elseif st ~= JOINED then
-      return after(self, key, fn, rerun, st, a, b, c, d, ...)
-    end
-    d = d or DEFAULTS
-    be = d.be or backend_of(d)
-    if d.timeout or d.max_age or not be.never_fails or (IN_NGX and not liveness.sweeping) then
-      return join(self, JOINED, a, b, c, rerun, d, fn, ...)
-    end
-    -- the flight first: a can_wait that yields finds the result kept there
-    -- its wait: a bare yield (a fixed backend only: an "auto" one may be
-    -- another for a later duplicate, which meets through wait objects)
-    bare = be.yields and d.be ~= nil and co_isyieldable
-    fl = flights[a]
-    if fl == nil or not bare and obj_of(fl, be) == nil then
-      -- the call's first waiter here (through be's wait object): the
-      -- object, and a look at whether a finalizer abandoned the call
-      -- before there was a flight to mark
-      local obj = true
-      if not bare and be.new then
-        local made
-        made, obj = pcall(be.new)
-        if not made then
-          return join(self, JOINED, a, b, c, rerun, d, fn, ...)
-        end
-      end
-      fl = fl or flight(a)
-      if not bare then
-        put_obj(fl, be, obj)
-      end
-      if state(b) == "abandoned" then
-        gone(a, fl)
-      end
-    end
-    if bare then
-      st = co_isyieldable()
-    else
-      st = be.can_wait == nil or be.can_wait()
-    end
-    if not st then
-      return join(self, JOINED, a, b, c, rerun, d, fn, ...)
-    end
-    -- The later duplicates of a call of a group private to this state (e:
-    -- its leader's owner id, while the leader's guard lives) meet in its
-    -- flight, in Lua; this joiner's core reference becomes the flight's,
-    -- given back when the call is done or gone (settle): while any of
-    -- them waits, the leader hands the result here.
-    staked = false
-    if e ~= nil and not fl.reg and not fl.abandoned then
-      local reg = joinable[self]
-      if reg == nil then
-        reg = {}
-        joinable[self] = reg
-      end
-      reg[c] = fl
-      fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake =
-        reg, c, a, self, d, be, d.be == nil, b
-      fl.extra, fl.bare, fl.lead = 0, bare and true or false, e
-      staked = true
-    end
-    -- counted in the flight, which stays in flights while n > 0
-    fl.n = fl.n + 1
-  end
-  -- The wait, until the call is done or gone (fl.over: how it ended). A
-  -- bare yield's wake does nothing, and needs no count.
-  st = fl.over -- (set already where a finalizer went first: see above)
+-- The wait of a same-state duplicate in flight fl, until the call is
+-- done or gone (fl.over: how it ended), through a bare yield (whose wake
+-- does nothing, and needs no count) or be's wait object; then its
+-- results, the leader's panic, or a take-over. A duplicate that joined
+-- in the core (b, its ref) leaves the flight's count and gives its
+-- reference back, unless the flight holds it (staked); one that met the
+-- flight in Lua holds none, and a, c, d (call, key, options) are the
+-- flight's.
+local function wait_in(self, fl, bare, be, b, staked, a, c, d, fn, ...)
+  local st = fl.over -- (set already where a finalizer went first)
   if not st then
     if bare then
       repeat
@@ -458,7 +368,6 @@ function call(self, key, fn, ...)
         st = fl.over
       until st
     else
-      be = be or fl.be
       local counts = fl.counts
       counts[be] = counts[be] + 1
       local wait, obj = be.wait, fl.objs[be]
@@ -485,6 +394,123 @@ function call(self, key, fn, ...)
     a, c, d = fl.c, fl.key, fl.opts
   end
   return join(self, TAKE_OVER, a, nil, c, rerun, d, fn, ...)
+end
+
+-- A same-state duplicate that joined in the core (enter said JOINED: a
+-- the call, b its ref, c the key, d the handle's options, e the leader's
+-- owner id or nil) waits in the call's flight, in call's stead (a tail
+-- call: the leader's frame, below fn, stays small).
+local function joined(self, fn, a, b, c, d, e, ...)
+  d = d or DEFAULTS
+  local be = d.be or backend_of(d)
+  if d.timeout or d.max_age or not be.never_fails or (IN_NGX and not liveness.sweeping) then
+    return join(self, JOINED, a, b, c, rerun, d, fn, ...)
+  end
+  -- the flight first: a can_wait that yields finds the result kept there
+  -- its wait: a bare yield (a fixed backend only: an "auto" one may be
+  -- another for a later duplicate, which meets through wait objects)
+  local bare = be.yields and d.be ~= nil and co_isyieldable
+  local fl = flights[a]
+  if fl == nil or not bare and obj_of(fl, be) == nil then
+    -- the call's first waiter here (through be's wait object): the
+    -- object, and a look at whether a finalizer abandoned the call
+    -- before there was a flight to mark
+    local obj = true
+    if not bare and be.new then
+      local made
+      made, obj = pcall(be.new)
+      if not made then
+        return join(self, JOINED, a, b, c, rerun, d, fn, ...)
+      end
+    end
+    fl = fl or flight(a)
+    if not bare then
+      put_obj(fl, be, obj)
+    end
+    if state(b) == "abandoned" then
+      gone(a, fl)
+    end
+  end
+  local can
+  if bare then
+    can = co_isyieldable()
+  else
+    can = be.can_wait == nil or be.can_wait()
+  end
+  if not can then
+    return join(self, JOINED, a, b, c, rerun, d, fn, ...)
+  end
+  -- The later duplicates of a call of a group private to this state (e:
+  -- its leader's owner id, while the leader's guard lives) meet in its
+  -- flight, in Lua; this joiner's core reference becomes the flight's,
+  -- given back when the call is done or gone (settle): while any of
+  -- them waits, the leader hands the result here.
+  local staked = false
+  if e ~= nil and not fl.reg and not fl.abandoned then
+    local reg = joinable[self]
+    if reg == nil then
+      reg = {}
+      joinable[self] = reg
+    end
+    reg[c] = fl
+    fl.reg, fl.key, fl.c, fl.group, fl.opts, fl.be, fl.auto, fl.stake =
+      reg, c, a, self, d, be, d.be == nil, b
+    fl.extra, fl.bare, fl.lead = 0, bare and true or false, e
+    staked = true
+  end
+  -- counted in the flight, which stays in flights while n > 0
+  fl.n = fl.n + 1
+  return wait_in(self, fl, bare, be, b, staked, a, c, d, fn, ...)
+end
+
+function call(self, key, fn, ...)
+  local fl = joinable[self]
+  if fl ~= nil then
+    fl = fl[key]
+    -- a duplicate of a call its other duplicates wait on: it meets them
+    -- here, in Lua, unless it is that call's leader (a recursion goes to
+    -- the core, which refuses it) or it waits with another backend. (A
+    -- registered flight is open: settle takes it off as it ends; and in
+    -- nginx the sweep runs while it waits.)
+    if fl ~= nil then
+      local bare, st = fl.bare
+      if bare then -- a fixed backend whose wait is a bare yield
+        st = meets(fl.lead)
+      elseif guards[co_running()] ~= owners[fl.lead] then
+        local be = fl.be
+        if fl.auto and backend_of(fl.opts) ~= be then
+          st = false
+        else
+          st = be.can_wait == nil or be.can_wait()
+        end
+      end
+      if st then
+        -- met: counted here, not in fl.n (a registered flight stays in
+        -- flights until it is settled); the flight's stake holds the call
+        fl.extra = fl.extra + 1
+        if bare then -- the common case, here (wait_in's own loop)
+          repeat
+            co_yield()
+            st = fl.over
+          until st
+          if st == OVER_OK then
+            return fl.v, fl.err, true
+          end
+        end
+        return wait_in(self, fl, bare, fl.be, nil, nil, nil, nil, nil, fn, ...)
+      end
+    end
+  end
+  local st, a, b, c, d, e = enter(self, key, fn, ...)
+  if st == DONE and acquire_first then -- leads it: a is the call, c the key
+    st, a, b, c, d = lead(self, a, c, fn, ...)
+  end
+  if st == DONE then
+    return a, b, c
+  elseif st ~= JOINED then
+    return after(self, key, fn, rerun, st, a, b, c, d, ...)
+  end
+  return joined(self, fn, a, b, c, d, e, ...)
 end
 M.call = call
 
