@@ -60,6 +60,9 @@ describe("shm across four nginx workers", function()
     assert.equal(f.plain_bad, f.bad)
     assert.matches("bad argument #1 to 'call' %(key is NaN%)", f.nan)
     assert.equal(f.plain_nan, f.nan)
+    -- the tier's call on a group of another kind says so
+    assert.matches("bad argument #1 to 'call' %(a group with the shm option expected%)",
+                   f.crossed)
   end)
 
   it("200 concurrent requests over the workers run fn once and share its value", function()

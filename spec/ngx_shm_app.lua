@@ -461,6 +461,7 @@ function handlers.kinds()
   local fresh = singleflight.new()
   local ok_bad, bad = pcall(tiered.call, tiered, "k", "not a function")
   local ok_nan, nan = pcall(tiered.call, tiered, 0 / 0, function() end)
+  local _, crossed = pcall(tiered.call, plain, "k", function() end)
   local _, plain_bad = pcall(plain.call, plain, "k", "not a function")
   local _, plain_nan = pcall(plain.call, plain, 0 / 0, function() end)
   reply {
@@ -473,7 +474,7 @@ function handlers.kinds()
                         and fresh.forget == core.methods.forget,
     plain_call = fresh.call == plain.call,
     bad = not ok_bad and bad or "", nan = not ok_nan and nan or "",
-    plain_bad = plain_bad, plain_nan = plain_nan,
+    plain_bad = plain_bad, plain_nan = plain_nan, crossed = crossed,
   }
 end
 

@@ -1097,8 +1097,15 @@ local function recall(self, skey, t, ctx)
 end
 
 local function tiered(self, key, fn, ...)
-  local _, _, _, skey = acquire(self, key, fn, "call", ARGS)
-  local t = tiers[self]
+  local t, skey = tiers[self], key
+  if t == nil or type(key) ~= "string" or type(fn) ~= "function" then
+    -- the key as the core keeps it, or call's error (the common case, a
+    -- string key and a function on a tiered group, needs no crossing)
+    skey = select(4, acquire(self, key, fn, "call", ARGS))
+    if t == nil then -- a group, but another kind (g.call of one, on this)
+      error("bad argument #1 to 'call' (a group with the shm option expected)", 2)
+    end
+  end
   local base, check = base_of(t, skey)
   local cur = t.current[skey]
   if cur and cur.gen ~= (t.dict:get("g" .. base) or 0) then
