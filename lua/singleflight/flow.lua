@@ -346,10 +346,8 @@ local owners = core.owners
 -- Whether the running coroutine may wait, with a bare yield, on a call
 -- whose leader has owner id: it can yield, and it is not that leader
 -- (whose own call of the key is a recursion). In one crossing where the
--- binding has it (5.3 and later); coroutine.isyieldable is on LuaJIT too.
-local meets = core.meets or co_isyieldable and function(id)
-  return co_isyieldable() and guards[co_running()] ~= owners[id]
-end
+-- binding has it (5.3 and later); on LuaJIT, call looks itself.
+local meets = core.meets
 
 -- The wait of a same-state duplicate in flight fl, until the call is
 -- done or gone (fl.over: how it ended), through a bare yield (whose wake
@@ -475,7 +473,11 @@ function call(self, key, fn, ...)
     if fl ~= nil then
       local bare, st = fl.bare
       if bare then -- a fixed backend whose wait is a bare yield
-        st = meets(fl.lead)
+        if meets then
+          st = meets(fl.lead)
+        else -- (LuaJIT: the same looks, in this trace)
+          st = co_isyieldable() and guards[co_running()] ~= owners[fl.lead]
+        end
       elseif guards[co_running()] ~= owners[fl.lead] then
         local be = fl.be
         if fl.auto and backend_of(fl.opts) ~= be then
