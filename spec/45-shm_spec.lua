@@ -60,6 +60,10 @@ describe("shm across four nginx workers", function()
     assert.equal(f.plain_bad, f.bad)
     assert.matches("bad argument #1 to 'call' %(key is NaN%)", f.nan)
     assert.equal(f.plain_nan, f.nan)
+    -- a closed one says so, naming the method
+    assert.matches("singleflight: attempt to use a closed group %(in 'call'%)", f.closed)
+    assert.matches("singleflight: attempt to use a closed group %(in 'stats'%)", f.closed_stats)
+    assert.matches("singleflight: attempt to use a closed group %(in 'forget'%)", f.closed_forget)
     -- the tier's call on a group of another kind says so
     assert.matches("bad argument #1 to 'call' %(a group with the shm option expected%)",
                    f.crossed)

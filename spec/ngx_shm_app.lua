@@ -462,6 +462,11 @@ function handlers.kinds()
   local ok_bad, bad = pcall(tiered.call, tiered, "k", "not a function")
   local ok_nan, nan = pcall(tiered.call, tiered, 0 / 0, function() end)
   local _, crossed = pcall(tiered.call, plain, "k", function() end)
+  local shut = singleflight.new { shm = "sf" }
+  shut:close()
+  local _, closed = pcall(shut.call, shut, "k", function() end)
+  local _, closed_stats = pcall(shut.stats, shut)
+  local _, closed_forget = pcall(shut.forget, shut, "k")
   local _, plain_bad = pcall(plain.call, plain, "k", "not a function")
   local _, plain_nan = pcall(plain.call, plain, 0 / 0, function() end)
   reply {
@@ -475,6 +480,7 @@ function handlers.kinds()
     plain_call = fresh.call == plain.call,
     bad = not ok_bad and bad or "", nan = not ok_nan and nan or "",
     plain_bad = plain_bad, plain_nan = plain_nan, crossed = crossed,
+    closed = closed, closed_stats = closed_stats, closed_forget = closed_forget,
   }
 end
 

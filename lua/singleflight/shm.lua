@@ -1,7 +1,7 @@
 --- singleflight.shm: one execution per key across the workers of an nginx
 -- instance, over a lua_shared_dict (`singleflight.new { shm = "name" }`).
 --
--- Each worker deduplicates its own callers first (flow.call_local): the
+-- Each worker deduplicates its own callers first (the ordinary call): the
 -- first caller of a key in a worker runs step() below for all of them, and
 -- the worker's other callers wait on it locally. step() either leads for
 -- the whole instance or watches the leader in another worker. The dict
@@ -14,15 +14,13 @@
 --                  leader keeps it and a dead worker's runs out within the
 --                  lease; a lead whose request went away is let go by the
 --                  same timer (its lock deleted).
+--   p<gen>:<base>  the token of the last execution that took the lock. One
+--                  that takes it after an execution went away without a
+--                  result answers that one's watchers too.
 --   w<token>       the watchers of an execution: one count per worker that
 --                  waits on it. The leader closes it (adds CLOSED) when fn
 --                  returns: watchers that counted themselves in before are
---                  sure to find the result. A watcher whose leader went
---                  away without a result stays counted in until it leads
---                  (or watches another): then, as the successor, it
---                  answers the others still counted there too, whenever
---                  they come back to look; so does a worker's caller that
---                  lets go of a lead of its own worker that went away.
+--                  sure to find the result.
 --   r<token>       the result, encoded once by the group's codec (or the
 --                  core's value copier); the last watcher to read it
 --                  deletes it (or it expires).
@@ -32,9 +30,8 @@
 --                  a forgotten one too, renews it with its lock: it lives as
 --                  long as an execution it set apart can still be joined,
 --                  and runs out soon after the key's last one.
---   s              the dict's change count, bumped whenever a lock that a
---                  watcher counted itself in on is let go, or one whose
---                  lead went away (a lead nobody watches ends without it).
+--   s              the dict's change count, bumped whenever a lock is let
+--                  go.
 --   c<name>:<ns>   the group's counter <name> for the whole instance (see
 --                  publish): a fixed number per group, with no expiry.
 --
@@ -74,10 +71,10 @@ local co_running = coroutine.running
 -- bookkeeping of the coroutine's request, freed when the request ends)
 local co_status = rawget(coroutine, "_status") or coroutine.status
 
--- (the core's forget: what the local calls of a tiered group forget)
-local acquire, encode, decode, now, quote, core_count, c_forget =
+-- (the core's forget and close: what a tiered group's own methods use)
+local acquire, encode, decode, now, quote, core_count, c_forget, c_close =
       core.acquire, core.encode, core.decode, core.now, core.quote, core.count,
-      core.methods.forget
+      core.methods.forget, core.methods.close
 local ARGS, ARGS_DEEPER = core.CHECK, core.CHECK + core.DEEPER -- acquire's checks
 local protect = runner.protect
 -- a tiered group's call is the ordinary call of this state, its fn the
@@ -186,9 +183,7 @@ end
 ---------------------------------------------------------------------------
 -- Leads of this worker and their renewal
 
--- token -> its record: the leading call's ctx (see tiered), whose token,
--- dict, gen, base, val, main, since and expires (or false) say what the
--- lead holds (see lock_key)
+-- token -> { token, dict, lkey, val, pkey, wkey, gkey, main, since, expires|nil }
 local leading = {}
 -- token -> the leader's coroutine, held weakly, so that one that nginx let
 -- go of (a killed light thread) can be collected
@@ -196,28 +191,11 @@ local leaders = setmetatable({}, { __mode = "v" })
 local renewing = false
 local anchored = core.anchored
 
--- fn(...) of a call: ctx keeps fn and its arguments (the first two at 1
--- and 2, or, past two, the list args), so that no frame between g:call
--- and fn passes a vararg on (LuaJIT compiles none of those forwards in a
--- trace that began inside such a frame, as one begins after every C call).
-local function invoke(ctx)
-  local fn, n = ctx.fn, ctx.n
-  if n == 0 then
-    return fn()
-  elseif n == 1 then
-    return fn(ctx[1])
-  elseif n == 2 then
-    return fn(ctx[1], ctx[2])
-  end
-  return fn(unpack(ctx.args, 1, n))
-end
-
 -- Its frame marks a live lead: the timer looks for it on the leader's
 -- coroutine (nginx kills the coroutines of requests that go away without
--- a trace, and hands them to later requests). rec: the call's ctx, which
--- is also its lead's record. Not a tail call.
-local function lead_frame(rec)
-  local ok, v, err = protect(invoke, rec)
+-- a trace, and hands them to later requests). Not a tail call.
+local function lead_frame(rec, fn, ...) -- luacheck: ignore 212
+  local ok, v, err = protect(fn, ...)
   return ok, v, err
 end
 
@@ -253,24 +231,19 @@ local function live(rec)
   return liveness.holds(co, LEAD_FRAMES, rec)
 end
 
--- The key of the lock of a lead's record (see step).
-local function lock_key(rec)
-  return "l" .. rec.gen .. ":" .. rec.base
-end
-
 -- One round of renewals.
 local function renew()
   local swept, at = false, ngx_now()
   for token, rec in pairs(leading) do
-    local dict, lkey = rec.dict, lock_key(rec)
+    local dict = rec.dict
     if not live(rec) then -- its request went away: let the others take over
       if not swept then -- this worker's waiters first: they take over too
         swept = true
         pcall(liveness.sweep)
       end
       leading[token], leaders[token] = nil, nil
-      if dict:get(lkey) == rec.val then
-        dict:delete(lkey)
+      if dict:get(rec.lkey) == rec.val then
+        dict:delete(rec.lkey)
         bump(dict)
       end
     else
@@ -281,16 +254,16 @@ local function renew()
           ttl = left
         end
       end
-      if ttl < 0.001 or dict:get(lkey) ~= rec.val then
+      if ttl < 0.001 or dict:get(rec.lkey) ~= rec.val then
         -- max_age: the lock runs out by itself; or lost
         leading[token], leaders[token] = nil, nil
       elseif at - rec.since >= YOUNG then -- (a younger lead's lease lasts)
-        dict:expire(lkey, ttl)
-        dict:expire("w" .. token, WATCH_TTL)
-        -- the generation too: renewed with the lock while it is there (a
-        -- forget may come while this runs: it then holds as long as this
-        -- can be joined)
-        dict:expire("g" .. rec.base, GEN_TTL)
+        dict:expire(rec.lkey, ttl)
+        dict:expire(rec.pkey, WATCH_TTL)
+        dict:expire(rec.wkey, WATCH_TTL)
+        if rec.gkey then
+          dict:expire(rec.gkey, GEN_TTL)
+        end
       end
     end
   end
@@ -306,7 +279,7 @@ local renew_warned = false
 local last_lead = 0
 
 local function renewals()
-  while next(leading) or ngx_now() - last_lead < LINGER and not ngx.worker.exiting() do
+  while next(leading) or now() - last_lead < LINGER and not ngx.worker.exiting() do
     ngx_sleep(RENEW)
     renew()
   end
@@ -324,7 +297,7 @@ end
 local timer_warned = false
 
 local function schedule()
-  last_lead = ngx_now()
+  last_lead = now()
   if renewing then
     return
   end
@@ -436,17 +409,23 @@ local function next_generation(t, gkey)
   end
 end
 
--- Runs fn for the instance as the fleet's one execution of the key
--- (another instance's outcome, decoded, when it led). A wait on another
--- instance ends at the caller's deadline: RETRY (the caller times out), or
--- with on_timeout = "run", fn runs here. A forget of the execution
--- anywhere in the fleet moves the key to its next generation here too.
-local function run_fleet(t, ctx, fleet)
+-- Runs fn for the instance: itself, or, with a fleet, as the fleet's one
+-- execution of the key (another instance's outcome, decoded, when it led).
+-- A wait on another instance ends at the caller's deadline: RETRY (the
+-- caller times out), or with on_timeout = "run", fn runs here. A forget
+-- of the execution anywhere in the fleet moves the key to its next
+-- generation here too.
+local function run_lead(t, rec, ctx, fn, ...)
+  local fleet = t.fleet
+  if not fleet then
+    return lead_frame(rec, fn, ...)
+  end
   local skey, dict = ctx.skey, t.dict
   local ran, ok, v, err = false, nil, nil, nil
-  local bytes, how, shared = fleet_frame(ctx, fleet, skey, function()
+  local n, args = select("#", ...), { ... }
+  local bytes, how, shared = fleet_frame(rec, fleet, skey, function()
     ran = true
-    ok, v, err = lead_frame(ctx)
+    ok, v, err = lead_frame(rec, fn, unpack(args, 1, n))
     if not ok and not is_panic(v) then -- the handler failed: a bare value
       v = new_panic(v)
     end
@@ -455,7 +434,7 @@ local function run_fleet(t, ctx, fleet)
     wait = ctx.deadline and (ctx.deadline > now() and ctx.deadline - now() or 0),
     forgotten = function()
       local gkey = "g" .. ctx.base
-      if dict:get("l" .. (dict:get(gkey) or 0) .. ":" .. ctx.base) == ctx.val then
+      if dict:get("l" .. (dict:get(gkey) or 0) .. ":" .. ctx.base) == rec.val then
         next_generation(t, gkey)
       end
     end,
@@ -466,7 +445,7 @@ local function run_fleet(t, ctx, fleet)
   if ran then
     return ok, v, err
   elseif how == "timeout" and t.opts.on_timeout == "run" then
-    return lead_frame(ctx)
+    return lead_frame(rec, fn, unpack(args, 1, n))
   end
   counts.fnruns = counts.fnruns - 1 -- another instance ran it, or none did
   if how == "timeout" then
@@ -474,17 +453,6 @@ local function run_fleet(t, ctx, fleet)
   end
   ctx.ran = false -- another caller's outcome
   return from_fleet(t, bytes, skey)
-end
-
--- Runs fn for the instance: itself, or with a fleet, see run_fleet (a
--- function of its own: a frame that makes closures is one LuaJIT does not
--- compile a return from).
-local function run_lead(t, ctx)
-  local fleet = t.fleet
-  if fleet then
-    return run_fleet(t, ctx, fleet)
-  end
-  return lead_frame(ctx)
 end
 
 local function store(t, rkey, value, flags)
@@ -512,17 +480,27 @@ local function close(dict, wkey)
   return false
 end
 
--- The start of a lead (prev: the token of the execution it succeeds, see
--- step): ctx becomes its record (see leading).
-local function take(t, ctx, val, token, prev)
-  local expires = false
+--[[
+Runs fn as the instance's leader of ctx's key, under the lock lkey that
+holds val; publishes the outcome if a watcher counted itself in.
+
+p<gen>:<base> names the last execution that took the lock. If it went
+away without a result (its worker died, its request went away, max_age),
+this one is its successor: the watchers still counted in there get this
+one's result too, whenever they come back to look.
+]]
+local function lead(t, ctx, lkey, pkey, val, token, gkey, fn, ...)
+  local dict, expires = t.dict, nil
   if t.opts.max_age then
     expires = now() + t.opts.max_age
   end
+  local prev = dict:get(pkey)
+  dict:safe_set(pkey, token, WATCH_TTL) -- no room: no successor, that's all
   local co = co_running()
-  ctx.token, ctx.val, ctx.main, ctx.since, ctx.expires = token, val, co == nil, ngx_now(),
-    expires
-  leading[token], leaders[token] = ctx, co
+  local rec = { token = token, dict = dict, lkey = lkey, pkey = pkey, val = val,
+                wkey = "w" .. token, gkey = gkey, main = co == nil, since = ngx_now(),
+                expires = expires }
+  leading[token], leaders[token] = rec, co
   schedule()
   local counts = t.counts
   counts.leads, counts.fnruns = counts.leads + 1, counts.fnruns + 1
@@ -530,21 +508,26 @@ local function take(t, ctx, val, token, prev)
     counts.takeovers = counts.takeovers + 1
   end
   ctx.ran = true
-end
-
--- The end of the lead of ctx (prev: see take), fn's outcome ok, v, err
--- in: publishes it if a watcher counted itself in, and lets go of the
--- lock. Returns whether the outcome went to another worker.
-local function conclude(t, ctx, lkey, prev, ok, v, err)
-  local dict, token, val, expires = t.dict, ctx.token, ctx.val, ctx.expires
+  local ok, v, err = run_lead(t, rec, ctx, fn, ...)
   -- a lead younger than YOUNG holds its lock still, if the renewals did not
   -- let it go: no need to look
-  local young = leading[token] == ctx and not expires and ngx_now() - ctx.since < YOUNG
+  local young = leading[token] == rec and not expires and ngx_now() - rec.since < YOUNG
   leading[token], leaders[token] = nil, nil
+  if ok == RETRY then -- it timed out waiting on another instance: no outcome
+    if dict:get(lkey) == val then
+      dict:delete(lkey)
+      bump(dict)
+    end
+    ctx.timed_out = true
+    return RETRY
+  end
+  if not ok and not is_panic(v) then -- the handler failed: a bare value
+    v = new_panic(v)
+  end
   local shared = false
   -- still ours? (else max_age or a lost lease: the result is ours alone)
   if young or dict:get(lkey) == val then
-    local mine = close(dict, "w" .. token)
+    local mine = close(dict, rec.wkey)
     local theirs = prev ~= nil and close(dict, "w" .. prev)
     if mine or theirs then
       shared = true
@@ -557,9 +540,10 @@ local function conclude(t, ctx, lkey, prev, ok, v, err)
       end
     end
     dict:delete(lkey)
-    if shared then -- (nobody else watches this lock but one that counted
-      bump(dict)   -- itself in after the close: see watch)
+    if dict:get(pkey) == token then
+      dict:delete(pkey)
     end
+    bump(dict)
   elseif expires and now() >= expires then
     -- max_age handed the key to a successor, which still runs: this
     -- outcome, first to arrive, answers the successor's watchers (the
@@ -574,40 +558,7 @@ local function conclude(t, ctx, lkey, prev, ok, v, err)
       bump(dict)
     end
   end
-  return shared
-end
-
---[[
-Runs fn as the instance's leader of ctx's key, under the lock lkey that
-holds val; publishes the outcome if a watcher counted itself in.
-
-prev: the token of an execution that went away without a result (its
-worker died, its request went away, max_age) and that this one succeeds:
-the watchers still counted in there get this one's result too, whenever
-they come back to look.
-
-take and conclude are functions of their own, called and returning to
-this frame: LuaJIT compiles a trace that begins in a function and ends
-with its return to a Lua frame, not one that ends in a return to the
-protected calls above this one.
-]]
-local function lead(t, ctx, lkey, val, token, prev)
-  take(t, ctx, val, token, prev)
-  local ok, v, err = run_lead(t, ctx)
-  if ok == RETRY then -- it timed out waiting on another instance: no outcome
-    leading[token], leaders[token] = nil, nil
-    local dict = t.dict
-    if dict:get(lkey) == val then
-      dict:delete(lkey)
-      bump(dict)
-    end
-    ctx.timed_out = true
-    return RETRY
-  end
-  if not ok and not is_panic(v) then -- the handler failed: a bare value
-    v = new_panic(v)
-  end
-  ctx.shared = conclude(t, ctx, lkey, prev, ok, v, err) or ctx.fleet_shared == true
+  ctx.shared = shared or ctx.fleet_shared == true
   if not ok then
     v.crossed, v.key = true, ctx.skey
     error(v, 0)
@@ -777,13 +728,7 @@ local function watch(t, ctx, lkey, val, held)
   local token = token_of(val)
   local wkey, rkey = "w" .. token, "r" .. token
   local n = dict:incr(wkey, 1)
-  -- the first to count itself in makes the count; it may come just after
-  -- the leader, finding none, closed nothing and let go of its lock with
-  -- nobody to tell (see conclude): it looks again soon, then less and less
-  -- often
-  local soon = false
   if not n then
-    soon = POLL_MIN
     local ok, err = dict:safe_add(wkey, 0, WATCH_TTL)
     if not ok and err ~= "exists" then
       drop(dict, held)
@@ -818,9 +763,6 @@ local function watch(t, ctx, lkey, val, held)
     local ttl = dict:ttl(lkey)
     if ttl and ttl > 0 and ttl + 0.001 < pause then
       pause = ttl + 0.001
-    end
-    if soon and soon < pause then
-      pause, soon = soon, 2 * soon
     end
     if deadline then
       if at >= deadline then
@@ -869,17 +811,17 @@ local function lease_ttl(t)
 end
 
 -- fn, run by step for this worker's callers only
-local function run_here(t, ctx)
+local function run_here(t, ctx, fn, ...)
   t.counts.fnruns = t.counts.fnruns + 1
   ctx.ran = true
-  return invoke(ctx)
+  return fn(...)
 end
 
 -- A caller past its deadline: with on_timeout = "run" it runs fn itself.
-local function timed_out(t, ctx, self)
+local function timed_out(t, ctx, self, fn, ...)
   core_count(self, "timeouts")
   if t.opts.on_timeout == "run" then
-    return run_here(t, ctx)
+    return run_here(t, ctx, fn, ...)
   end
   ctx.timed_out = true
   return RETRY
@@ -899,32 +841,31 @@ end
 -- step, when the lock lkey holds val, another's lead: watches it (or, for a
 -- caller that cannot wait, does what its options say). Returns step's
 -- answer, or RESTART and the token still held, or TIMED_OUT.
-local function another(self, t, ctx, late, lkey, val, held)
+local function another(self, t, ctx, late, lkey, val, held, fn, ...)
   local dict, check = t.dict, ctx.check
   if check ~= "" and sub(val, -#check) ~= check then
     drop(dict, held)
     degraded(t, "two keys share a hash") -- this worker alone, then
-    return run_here(t, ctx)
+    return run_here(t, ctx, fn, ...)
   end
   local why = not late and cannot_wait(t.be or resolve(t.opts.backend))
   if late or why then
     drop(dict, held)
     if late or t.opts.timeout == 0 then
-      return timed_out(t, ctx, self)
+      return timed_out(t, ctx, self, fn, ...)
     end
     return FAILED, cannot_wait_msg(ctx.skey, why)
   end
   local a, b = watch(t, ctx, lkey, val, held)
   if a == LOCAL then
-    return run_here(t, ctx)
+    return run_here(t, ctx, fn, ...)
   elseif a == REFRESH then
     return RETRY
   end
   return a, b
 end
 
--- (fn and its arguments: in ctx, see invoke)
-local function step(self, t, ctx)
+local function step(self, t, ctx, fn, ...)
   local counts = t.counts
   counts.steps = counts.steps + 1
   local late = ctx.deadline and now() >= ctx.deadline
@@ -932,12 +873,11 @@ local function step(self, t, ctx)
     -- a local waiter that gave up (the flow runs it unshared), or a
     -- take-over past the deadline: fn, for this worker (with timeout = 0,
     -- a caller that finds the key free still leads for the instance)
-    return run_here(t, ctx)
+    return run_here(t, ctx, fn, ...)
   end
   local dict, base, check = t.dict, ctx.base, ctx.check
   local gkey = "g" .. base
   local held -- the token of a leader that went away, still counted in
-  local gone -- the token of a lead of this worker let go of here
   local max_age = t.opts.max_age
   ctx.refresh = max_age and now() + REFRESH_AT * max_age
   while true do
@@ -947,19 +887,21 @@ local function step(self, t, ctx)
     local lkey = "l" .. gen .. ":" .. base
     -- the common case first: nobody leads the key, and this caller does
     local token = new_token()
-    local mine = check == "" and token or token .. check
+    local mine = token .. check
     local ok, err = dict:safe_add(lkey, mine, lease_ttl(t))
     local val
     if ok then
       if gen == 0 or dict:expire(gkey, GEN_TTL) then
         drop(dict, held) -- this lead succeeds that one (see lead)
-        return lead(t, ctx, lkey, mine, token, held or gone)
+        -- gkey: renewed with the lock while it is there (a forget may
+        -- come while this runs: it then holds as long as this can be joined)
+        return lead(t, ctx, lkey, "p" .. gen .. ":" .. base, mine, token, gkey, fn, ...)
       end
       dict:delete(lkey) -- the generation ran out meanwhile: start again
     elseif err ~= "exists" then
       drop(dict, held)
       degraded(t, err)
-      return run_here(t, ctx)
+      return run_here(t, ctx, fn, ...)
     else
       val = dict:get(lkey) -- nil: it went meanwhile (again, then)
     end
@@ -968,12 +910,11 @@ local function step(self, t, ctx)
     if here and (not rec or not live(rec) or (rec.expires and now() >= rec.expires)) then
       -- a lead of this worker whose request went away, or past max_age
       let_go(dict, lkey, val)
-      gone = token_of(val)
     elseif rec and leaders[rec.token] == co_running() then
       drop(dict, held)
       return FAILED, "singleflight: recursive call for key " .. quote(ctx.skey)
     elseif val ~= nil then
-      local a, b = another(self, t, ctx, late, lkey, val, held)
+      local a, b = another(self, t, ctx, late, lkey, val, held, fn, ...)
       if a == RESTART then -- the leader went away without a result
         held = b
       elseif a == TIMED_OUT then
@@ -999,69 +940,47 @@ local ALL_COUNTERS = { "calls", "executions", "shared", "panics", "timeouts", "a
                        "forgotten", "leads", "waits", "takeovers", "fallbacks",
                        "fleet_leads", "fleet_waits", "fleet_fallbacks", "fleet_timeouts" }
 
--- The calls that led an execution of their own, the common case, count in
--- one more counter, LED: one call, one execution and one lead each, added
--- with one incr instead of three.
-local LED, LED_OF = "led", { "calls", "executions", "leads" }
-
 function counter_key(t, name)
   return "c" .. name .. ":" .. t.ns
 end
 
--- Adds d to the dict's counter key; true if it could.
-local function count_in(dict, key, d)
-  local n = dict:incr(key, d)
-  if not n then
-    local ok, err = dict:safe_add(key, 0)
-    n = (ok or err == "exists") and dict:incr(key, d)
-  end
-  return n ~= nil and n ~= false
-end
-
 -- The counters of this worker's callers (for the group: named groups'
--- handles share them in a worker, as they share the core's), in the
--- book's table mine (made once: publish runs at every call).
+-- handles share them in a worker, as they share the core's).
 local function worker_stats(self, t)
-  local core_st, c, st = c_stats(self), t.counts, t.book.mine
-  st.inflight, st.calls, st.abandoned = core_st.inflight, core_st.calls, core_st.abandoned
+  local st = c_stats(self)
+  local c = t.counts
   -- each step counted as an execution; fn ran fnruns times
-  st.executions = core_st.executions - c.steps + c.fnruns
+  st.executions = st.executions - c.steps + c.fnruns
   st.shared = c.dups
-  st.panics = core_st.panics - c.remote_panics
+  st.panics = st.panics - c.remote_panics
   -- a forget counts once, in the worker that forgot
-  st.forgotten = core_st.forgotten - c.forgets_seen + c.forgets_there
+  st.forgotten = st.forgotten - c.forgets_seen + c.forgets_there
   st.leads, st.waits, st.takeovers, st.fallbacks =
     c.leads, c.waits, c.takeovers, c.fallbacks
-  st.timeouts = core_st.timeouts + c.fleet_timeout
   st.fleet_leads, st.fleet_waits, st.fleet_fallbacks, st.fleet_timeouts =
     c.fleet_led, c.fleet_waited, c.fleet_fallback, c.fleet_timeout
+  st.timeouts = st.timeouts + c.fleet_timeout
   return st
 end
 
 -- Adds this worker's counts since the last time to the dict's counters
 -- (safe_add: never evicts; a full dict keeps them here until there is
--- room). Returns this worker's counters (the book's table: read them at
--- once).
+-- room). Returns this worker's counters.
 function publish(self, t)
   local st = worker_stats(self, t)
-  local dict, pushed, names, keys = t.dict, t.book.pushed, t.names, t.keys
-  local k = st.calls - pushed.calls
-  local e, l = st.executions - pushed.executions, st.leads - pushed.leads
-  if e < k then
-    k = e
-  end
-  if l < k then
-    k = l
-  end
-  if k > 0 and count_in(dict, keys[LED], k) then
-    pushed.calls, pushed.executions, pushed.leads =
-      pushed.calls + k, pushed.executions + k, pushed.leads + k
-  end
-  for i = 1, #names do
-    local name = names[i]
-    local d = st[name] - pushed[name]
-    if d ~= 0 and count_in(dict, keys[name], d) then
-      pushed[name] = st[name]
+  local dict, pushed = t.dict, t.book.pushed
+  for _, name in ipairs(ALL_COUNTERS) do
+    local d = st[name] - (pushed[name] or 0)
+    if d ~= 0 then
+      local key = counter_key(t, name)
+      local n = dict:incr(key, d)
+      if not n then
+        local ok, err = dict:safe_add(key, 0)
+        n = (ok or err == "exists") and dict:incr(key, d)
+      end
+      if n then
+        pushed[name] = st[name]
+      end
     end
   end
   return st
@@ -1088,12 +1007,12 @@ local function normal_key(self, key, fn, fname)
 end
 
 -- g:call in this worker again (not counted), after a watcher gave up
-local function recall(self, skey, t, ctx)
-  local st, a, b, c, d = rerun(self, skey, step, self, t, ctx)
+local function recall(self, skey, ...)
+  local st, a, b, c, d = rerun(self, skey, step, ...)
   if st == DONE then
     return a, b, c
   end
-  return after(self, skey, step, rerun, st, a, b, c, d, self, t, ctx)
+  return after(self, skey, step, rerun, st, a, b, c, d, ...)
 end
 
 local function tiered(self, key, fn, ...)
@@ -1116,22 +1035,13 @@ local function tiered(self, key, fn, ...)
     end
     t.current[skey] = nil
   end
-  local timeout, n = t.opts.timeout, select("#", ...)
-  local x, y = ...
-  -- the call, down to fn (see invoke), and its lead's record (see take):
-  -- the fields of the common case named here, so that the table is made
-  -- at its size once, and no larger than they need (the others, refresh,
-  -- timed_out and fleet_shared, come with the options that need them)
-  local ctx = { x, y, skey = skey, base = base, check = check,
-                deadline = timeout and now() + timeout or false,
-                fn = fn, n = n, args = n > 2 and { ... } or false,
-                gen = 0, ran = false, shared = false,
-                dict = t.dict, token = false, val = false, main = false, since = 0,
-                expires = false }
-  local ok, v, err, shared = pcall(call, self, skey, step, self, t, ctx)
+  local timeout = t.opts.timeout
+  local ctx = { skey = skey, base = base, check = check,
+                deadline = timeout and now() + timeout }
+  local ok, v, err, shared = pcall(call, self, skey, step, self, t, ctx, fn, ...)
   while ok and v == RETRY and not ctx.timed_out do
     -- the watcher of this worker gave up or made way: the callers left go on
-    ok, v, err, shared = pcall(recall, self, skey, t, ctx)
+    ok, v, err, shared = pcall(recall, self, skey, self, t, ctx, fn, ...)
   end
   if t.current[skey] == ctx then
     t.current[skey] = nil
@@ -1159,6 +1069,9 @@ local function noop() end
 
 local function forget(self, key)
   local t = tiers[self]
+  if t == nil then -- closed: the core's forget says so
+    return c_forget(self, key)
+  end
   local was = c_forget(self, key)
   local skey = normal_key(self, key, noop, "forget")
   local base = base_of(t, skey)
@@ -1178,16 +1091,15 @@ end
 
 local function stats(self)
   local t = tiers[self]
+  if t == nil then -- closed: the core's stats says so
+    return c_stats(self)
+  end
   local mine = publish(self, t)
   -- the instance's counters: every worker's, pushed to the dict (and what
   -- this worker could not push yet: the dict was full)
   local st, dict, pushed = { inflight = mine.inflight }, t.dict, t.book.pushed
-  for _, name in ipairs(t.names) do
-    st[name] = (dict:get(t.keys[name]) or 0) + mine[name] - pushed[name]
-  end
-  local led = dict:get(t.keys[LED]) or 0
-  for _, name in ipairs(LED_OF) do
-    st[name] = st[name] + led
+  for _, name in ipairs(t.fleet and ALL_COUNTERS or COUNTERS) do
+    st[name] = (dict:get(counter_key(t, name)) or 0) + mine[name] - (pushed[name] or 0)
   end
   return st
 end
@@ -1298,11 +1210,7 @@ function M.attach(g, o, name)
   local dict = ngx.shared[o.shm]
   local book = name and books[o.shm .. "\0" .. name]
   if not book then
-    local pushed, mine = {}, { inflight = 0 }
-    for _, cname in ipairs(ALL_COUNTERS) do
-      pushed[cname], mine[cname] = 0, 0
-    end
-    book = { pushed = pushed, mine = mine, counts = {
+    book = { pushed = {}, counts = {
       leads = 0, waits = 0, takeovers = 0, fallbacks = 0, steps = 0, fnruns = 0, dups = 0,
       remote_panics = 0, forgets_seen = 0, forgets_there = 0,
       fleet_led = 0, fleet_waited = 0, fleet_fallback = 0, fleet_timeout = 0 } }
@@ -1323,12 +1231,8 @@ function M.attach(g, o, name)
   }
   -- the counters are made now, while there is room: counting never adds
   -- an entry later (incr on an entry there allocates nothing)
-  local t = tiers[g]
-  t.names, t.keys = o.redis and ALL_COUNTERS or COUNTERS, { [LED] = counter_key(t, LED) }
-  dict:safe_add(t.keys[LED], 0)
-  for _, cname in ipairs(t.names) do
-    t.keys[cname] = counter_key(t, cname)
-    dict:safe_add(t.keys[cname], 0)
+  for _, cname in ipairs(o.redis and ALL_COUNTERS or COUNTERS) do
+    dict:safe_add(counter_key(tiers[g], cname), 0)
   end
   core.tier(g) -- its methods are the tier's from now on
 end
@@ -1339,6 +1243,13 @@ tiered_call = tiered
 core.interpose("tiered", "call", tiered)
 core.interpose("tiered", "do", tiered)
 core.interpose("tiered", "forget", forget)
+-- a closed group has no tier: its methods find none, and the core, asked
+-- instead, says the group is closed
+core.interpose("tiered", "close", function(self)
+  local r = c_close(self)
+  tiers[self] = nil
+  return r
+end)
 core.interpose("tiered", "stats", stats)
 core.interpose("tiered", "start", function(self, key, fn, ...)
   return start(self, false, "start", key, fn, ...)
