@@ -24,12 +24,13 @@ local LUA51 = _VERSION == "Lua 5.1" and not rawget(_G, "jit")
 
 local M = {}
 
--- call (light userdata) -> { objs = {backend -> wait object},
---   counts = {backend -> waiting}, n = waiters, done, ok, v, err, panic,
---   shared, abandoned }
+-- call (light userdata) -> { n = waiters counted here, over, and once
+--   needed: objs = {backend -> wait object}, counts = {backend -> waiting};
+--   done, ok, v, err, panic, shared; abandoned; a registration's fields
+--   (see flow.lua's call) }
 local flights = {}
 -- fl.over: how the call ended, in one field for the duplicates that met
--- in Lua (false while it runs)
+-- in Lua (nil while it runs)
 local OVER_OK, OVER_PANIC, OVER_GONE = 1, 2, 3
 
 local function wake_all(fl)
@@ -247,10 +248,10 @@ end
 M.wait_flight = wait_flight
 
 M.flights = flights
-M.OVER_OK, M.OVER_PANIC, M.OVER_GONE = OVER_OK, OVER_PANIC, OVER_GONE
-M.flight, M.settle, M.deliver, M.gone, M.gone_all, M.drop_waiter =
-  flight, settle, deliver, gone, gone_all, drop_waiter
-M.obj_of, M.put_obj, M.enlist, M.cannot_wait_msg, M.pwait =
-  obj_of, put_obj, enlist, cannot_wait_msg, pwait
+M.OVER_OK, M.OVER_PANIC = OVER_OK, OVER_PANIC
+M.flight, M.deliver, M.gone, M.gone_all, M.drop_waiter =
+  flight, deliver, gone, gone_all, drop_waiter
+M.obj_of, M.put_obj, M.cannot_wait_msg, M.pwait =
+  obj_of, put_obj, cannot_wait_msg, pwait
 
 return M
